@@ -1,0 +1,27 @@
+"""Search algorithms as short compositions of shared primitives (:mod:`treeward.search.core`).
+
+Every algorithm is a function ``f(problems, policy, scorer, budget, *, knobs...) -> list[Tree]`` with the paper's
+defaults for its knobs and an exact budget in generated tokens per problem.
+"""
+
+from treeward.search.beam import beam_search
+from treeward.search.bon import best_of_n
+from treeward.search.core import (
+    Budget,
+    SearchError,
+    best_score,
+    extract_answer,
+    majority_vote,
+    weighted_vote,
+)
+
+__all__ = [
+    "Budget",
+    "SearchError",
+    "beam_search",
+    "best_of_n",
+    "best_score",
+    "extract_answer",
+    "majority_vote",
+    "weighted_vote",
+]

@@ -1,0 +1,1 @@
+"""Small, readable training loops for the shipped models."""
