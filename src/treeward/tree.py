@@ -241,6 +241,8 @@ class Tree:
         """Raise :class:`TreeFormatError` if an invariant is broken (ids, parents, depths, children, lengths)."""
         if not self.nodes or self.nodes[0].parent is not None:
             raise TreeFormatError("a tree needs a root (node 0, parent None)")
+        if self.nodes[0].depth != 0:
+            raise TreeFormatError(f"the root has depth {self.nodes[0].depth}, not 0")
         for i, n in enumerate(self.nodes):
             if n.id != i:
                 raise TreeFormatError(f"node at index {i} has id {n.id}")
@@ -259,6 +261,12 @@ class Tree:
                 raise TreeFormatError(f"node {i}: {len(n.logprobs)} logprobs for {len(n.token_ids)} tokens")
             if n.finish_reason is not None and n.finish_reason not in FINISH_REASONS:
                 raise TreeFormatError(f"node {i}: unknown finish_reason {n.finish_reason!r}")
+        for n in self.nodes:  # and the converse link: every listed child points back, once
+            for c in n.children:
+                if not 0 <= c < len(self.nodes) or self.nodes[c].parent != n.id:
+                    raise TreeFormatError(f"node {n.id} lists child {c}, whose parent is not {n.id}")
+            if len(set(n.children)) != len(n.children):
+                raise TreeFormatError(f"node {n.id} lists a child twice")
         if self.chosen is not None and not 0 <= self.chosen < len(self.nodes):
             raise TreeFormatError(f"chosen node {self.chosen} is not in the tree")
 
@@ -318,7 +326,7 @@ class Tree:
                 problem=Problem.from_dict(d["problem"]),
                 nodes=nodes,
                 algorithm=d.get("algorithm", ""),
-                chosen=d.get("chosen"),
+                chosen=None if d.get("chosen") is None else int(d["chosen"]),
                 answer=d.get("answer"),
                 ledger=dict(d.get("ledger", {})),
                 metadata=dict(d.get("metadata", {})),
@@ -329,6 +337,10 @@ class Tree:
             raise TreeFormatError(f"not a tree record: {type(e).__name__}: {e}") from e
         tree.validate()
         return tree
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed in a tree record")
 
 
 # ---------------------------------------------------------------------- JSONL I/O
@@ -350,9 +362,11 @@ def iter_jsonl(path: str | Path) -> Iterator[Tree]:
             if not line.strip():
                 continue
             try:
-                d = json.loads(line)
+                d = json.loads(line, parse_constant=_reject_constant)
             except json.JSONDecodeError as e:
                 raise TreeFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            except ValueError as e:
+                raise TreeFormatError(f"{path}:{lineno}: {e}") from e
             try:
                 yield Tree.from_dict(d)
             except TreeFormatError as e:

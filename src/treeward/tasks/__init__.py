@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 from treeward.rewards.base import RewardResult, Sample, Status
@@ -69,6 +70,14 @@ def load_problems(path: str | Path) -> list[Problem]:
     return problems
 
 
+def same_number(answer: str, reference: object) -> bool:
+    """Whether two answers are the same number ("7" == "007" == 7 == "7.0"); plain string equality otherwise."""
+    try:
+        return Fraction(str(answer).strip()) == Fraction(str(reference).strip())
+    except (ValueError, ZeroDivisionError):
+        return str(answer).strip() == str(reference).strip()
+
+
 def _problem_of(sample: Sample) -> Problem:
     """The problem a sample was drawn for: search passes it in ``metadata["problem"]``; otherwise rebuild it."""
     prob = sample.metadata.get("problem")
@@ -92,8 +101,9 @@ def _lines(sample: Sample) -> list[str]:
 class ArithmeticAnswer:
     """Outcome reward: 1.0 when the ``Answer:`` number equals the reference, else 0.0.
 
-    A response with no ``Answer:`` line scores 0.0 with status ``parse_error`` when complete, and is not
-    applicable (``None``, ``n/a``) when it is a partial prefix. No paper: the exact check of the built-in task.
+    Numbers compare as numbers ("007" and 7.0 match 7). A response with no ``Answer:`` line scores 0.0 with status
+    ``parse_error`` when complete, and is not applicable (``None``, ``n/a``) when it is a partial prefix or the
+    sample has no reference. No paper: the exact check of the built-in task.
     """
 
     name = "arithmetic_answer"
@@ -108,7 +118,12 @@ class ArithmeticAnswer:
                 else:
                     out.append(RewardResult(0.0, Status.PARSE_ERROR, info={"reason": "no 'Answer: N' line"}))
                 continue
-            ok = s.reference is not None and got == str(s.reference).strip()
+            if s.reference is None:
+                out.append(
+                    RewardResult(None, Status.NOT_APPLICABLE, info={"reason": "no reference", "answer": got})
+                )
+                continue
+            ok = same_number(got, s.reference)
             out.append(
                 RewardResult(1.0 if ok else 0.0, components={"answer": float(ok)}, info={"answer": got})
             )

@@ -138,6 +138,8 @@ def generate_problems(n: int, steps: int | Sequence[int], *, seed: int = 0) -> l
     if n < 0:
         raise ValueError(f"n must be ≥ 0, got {n}")
     counts = [steps] if isinstance(steps, int) else list(steps)
+    if not counts:
+        raise ValueError("steps must be a step count or a non-empty list of step counts")
     rng = random.Random(f"treeward-arith-{seed}")
     out = []
     for i in range(n):
