@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,14 +346,22 @@ def _reject_constant(name: str) -> float:
 
 # ---------------------------------------------------------------------- JSONL I/O
 def write_jsonl(trees: Iterable[Tree], path: str | Path, *, append: bool = False) -> int:
-    """Write one tree per line; returns the number written. ``append=True`` adds to an existing file."""
-    n = 0
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
-        for t in trees:
-            f.write(json.dumps(t.to_dict(), ensure_ascii=False, allow_nan=False) + "\n")
-            n += 1
-        f.flush()
-    return n
+    """Write one tree per line; returns the number written. ``append=True`` adds to an existing file.
+
+    All lines of one call go out in a single ``write`` system call on the file, so a program interrupted
+    (Ctrl-C) between calls, or even during one, never leaves half a line behind.
+    """
+    lines = [json.dumps(t.to_dict(), ensure_ascii=False, allow_nan=False) + "\n" for t in trees]
+    data = "".join(lines).encode("utf-8")
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # regular files take it all at once; the loop only guards against a short write
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    return len(lines)
 
 
 def iter_jsonl(path: str | Path) -> Iterator[Tree]:
