@@ -11,6 +11,7 @@ from treeward.search.core import (
     SearchError,
     best_score,
     extract_answer,
+    grade,
     majority_vote,
     weighted_vote,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "best_of_n",
     "best_score",
     "extract_answer",
+    "grade",
     "majority_vote",
     "weighted_vote",
 ]
