@@ -84,9 +84,12 @@ def _fail(msg: str) -> NoReturn:
 
 
 def _load_policy(model: Path | None) -> Any:
+    from transformers.utils import logging as hf_logging
+
     from treeward._paths import SHIPPED_POLICY
     from treeward.engine.hf import HFPolicy
 
+    hf_logging.disable_progress_bar()  # the command shows its own progress
     return HFPolicy.from_pretrained(model if model is not None else SHIPPED_POLICY)
 
 
