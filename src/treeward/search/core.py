@@ -229,10 +229,15 @@ def _sample(
     return out
 
 
-def path_key(tree: Tree, node: Node) -> tuple[float, float]:
-    """Ranking key of a path: (path score, cumulative logprob); unscored paths rank last."""
+def path_key(tree: Tree, node: Node) -> tuple[float, float, int]:
+    """Ranking key of a path (higher is better): path score, then cumulative logprob, then the earlier node.
+
+    Unscored paths rank last. The logprob is rounded to 1e-3 so that float noise between batch layouts (~1e-6)
+    cannot reorder paths that tie, such as two samples of the same step: with or without the prefix cache, the same
+    seed keeps the same beams.
+    """
     score = -math.inf if node.value is None else node.value
-    return (score, sum(n.logprob for n in tree.path(node.id)))
+    return (score, round(sum(n.logprob for n in tree.path(node.id)), 3), -node.id)
 
 
 def path_sample(tree: Tree, node: Node) -> Sample:
