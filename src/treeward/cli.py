@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+
+from treeward import registry
 
 app = typer.Typer(
     add_completion=False,
@@ -28,48 +28,8 @@ app = typer.Typer(
 HELDOUT_SEED = 1
 """Problems seed of the held-out arithmetic set (training draws from a different stream)."""
 
-
-class Algorithm(StrEnum):
-    greedy = "greedy"
-    bon = "bon"
-    majority = "majority"
-    weighted = "weighted"
-    beam = "beam"
-
-
-@dataclass(frozen=True)
-class SearchSpec:
-    """An algorithm bound to its knobs: ``run(problems, policy, scorer, budget, seed)``."""
-
-    name: str
-    run: Callable[..., list[Any]]
-    knobs: dict[str, Any]
-
-
-def build_search(
-    algorithm: Algorithm, *, n: int, beam_width: int, expansions: int, temperature: float, max_tokens: int
-) -> SearchSpec:
-    """Bind an algorithm name and flags to a search function (the only place names map to functions)."""
-    from treeward.search import beam_search, best_of_n, best_score, majority_vote, weighted_vote
-
-    if algorithm is Algorithm.greedy:
-        knobs: dict[str, Any] = {
-            "n": 1,
-            "temperature": 0.0,
-            "aggregate": best_score,
-            "max_tokens": max_tokens,
-        }
-        return SearchSpec("greedy", best_of_n, knobs)
-    if algorithm in (Algorithm.bon, Algorithm.majority, Algorithm.weighted):
-        agg = {
-            Algorithm.bon: best_score,
-            Algorithm.majority: majority_vote,
-            Algorithm.weighted: weighted_vote,
-        }
-        knobs = {"n": n, "temperature": temperature, "aggregate": agg[algorithm], "max_tokens": max_tokens}
-        return SearchSpec(f"bon-{agg[algorithm].__name__}", best_of_n, knobs)
-    knobs = {"beam_width": beam_width, "expansions": expansions, "temperature": temperature}
-    return SearchSpec("beam", beam_search, knobs)
+DEFAULT_BENCH_ALGORITHMS = "greedy,majority,weighted,beam"
+DEFAULT_BENCH_PROBLEMS = 50
 
 
 @app.callback()
@@ -97,9 +57,41 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _load_problems(problems: Path | None, n_problems: int, steps: int) -> tuple[list[Any], str]:
+    """The problems to search and a description of where they came from (bad input: one error line)."""
+    from treeward.tasks import ProblemFileError, generate_problems, load_problems
+
+    if n_problems < 1:
+        _fail(f"--n-problems must be ≥ 1, got {n_problems}")
+    try:
+        if problems is not None:
+            return load_problems(problems)[:n_problems], str(problems)
+        if not 1 <= steps <= 5:
+            _fail(f"--steps must be in 1..5, got {steps}")
+        source = f"arithmetic:{steps}-step:seed{HELDOUT_SEED}"
+        return generate_problems(n_problems, steps, seed=HELDOUT_SEED), source
+    except ProblemFileError as e:
+        _fail(str(e))
+
+
+def _max_tokens(probs: Sequence[Any]) -> int:
+    """Whole solutions need ~20 tokens a step plus the answer line (the feasibility study's cap)."""
+    return 20 * (max(p.metadata.get("n_steps", 5) for p in probs)) + 12
+
+
+ALGORITHMS = ", ".join(registry.REGISTRY)
+SCALES = "Widths scaled with the budget: " + ", ".join(
+    f"{e.name} {e.scale.knob} = budget // {e.scale.per}" for e in registry.ENTRIES if e.scale is not None
+)
+KNOB_HELP = (
+    "A knob of the algorithm(s) as name=value, or algorithm.name=value for one of them (repeatable); "
+    "checked against the search function's keyword-only parameters."
+)
+
+
 @app.command()
 def search(
-    algorithm: Annotated[Algorithm, typer.Option(help="Search algorithm.")] = Algorithm.beam,
+    algorithm: Annotated[str, typer.Option(help=f"Search algorithm: {ALGORITHMS}.")] = "beam",
     budget: Annotated[int, typer.Option(help="Generated-token budget per problem (a hard cap).")] = 1000,
     n_problems: Annotated[int, typer.Option(help="Number of held-out arithmetic problems.")] = 100,
     steps: Annotated[int, typer.Option(help="Steps per arithmetic problem (1-5).")] = 4,
@@ -116,45 +108,34 @@ def search(
     expansions: Annotated[int, typer.Option(help="Samples per beam per step (beam).")] = 8,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     batch_problems: Annotated[int, typer.Option(help="Problems searched together in one batch.")] = 16,
+    knob: Annotated[list[str] | None, typer.Option(help=KNOB_HELP)] = None,
 ) -> None:
     """Search problems with a policy and a scorer; write trees.jsonl and summary.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from treeward.search.core import SearchError, grade
-    from treeward.tasks import (
-        ArithmeticAnswer,
-        ArithmeticSteps,
-        ProblemFileError,
-        generate_problems,
-        load_problems,
-    )
+    from treeward.tasks import ArithmeticAnswer, ArithmeticSteps
     from treeward.tree import write_jsonl
 
+    try:
+        entry = registry.get(algorithm)
+        overrides = registry.parse_knob_args(knob or [], [entry.name])[entry.name]
+    except registry.KnobError as e:
+        _fail(str(e))
     if budget <= 0:
         _fail(f"--budget must be a positive number of tokens, got {budget}")
     if batch_problems < 1:
         _fail(f"--batch-problems must be ≥ 1, got {batch_problems}")
-    try:
-        if problems is not None:
-            probs = load_problems(problems)[:n_problems]
-        else:
-            if not 1 <= steps <= 5:
-                _fail(f"--steps must be in 1..5, got {steps}")
-            if n_problems < 1:
-                _fail(f"--n-problems must be ≥ 1, got {n_problems}")
-            probs = generate_problems(n_problems, steps, seed=HELDOUT_SEED)
-    except ProblemFileError as e:
-        _fail(str(e))
-    # whole solutions need ~20 tokens a step plus the answer line (the feasibility study's cap)
-    max_tokens = 20 * (max(p.metadata.get("n_steps", 5) for p in probs)) + 12
-    spec = build_search(
-        algorithm,
-        n=n,
-        beam_width=beam_width,
-        expansions=expansions,
-        temperature=temperature,
-        max_tokens=max_tokens,
-    )
+    probs, source = _load_problems(problems, n_problems, steps)
+    # the command's flags reach the algorithms that have such knobs; the entry's own knobs (greedy's n=1) win
+    flags = {
+        "n": n,
+        "beam_width": beam_width,
+        "expansions": expansions,
+        "temperature": temperature,
+        "max_tokens": _max_tokens(probs),
+    }
+    knobs = registry.resolve_knobs(entry, defaults=flags, overrides=overrides)
     try:
         policy = _load_policy(model)
     except ValueError as e:  # ModelLoadError
@@ -179,10 +160,10 @@ def search(
         TextColumn("acc {task.fields[acc]}"),
     )
     with Progress(*columns, transient=False, disable=not sys.stderr.isatty()) as bar:
-        task = bar.add_task(spec.name, total=len(probs), acc="-")
+        task = bar.add_task(entry.name, total=len(probs), acc="-")
         try:
             for chunk in _chunks(probs, batch_problems):
-                trees = spec.run(chunk, policy, scorer, budget, seed=seed, **spec.knobs)
+                trees = entry.fn(chunk, policy, scorer, budget, seed=seed, **knobs)
                 grade(trees, outcome)
                 write_jsonl(trees, trees_path, append=True)
                 done.extend(trees)
@@ -193,18 +174,18 @@ def search(
         except KeyboardInterrupt:
             interrupted = True
     wall = time.perf_counter() - t0
-    summary = summarize(spec, done, policy, wall=wall, budget=budget, seed=seed)
+    summary = summarize(entry.name, knobs, done, policy, wall=wall, budget=budget, seed=seed)
     summary.update(
         {
             "interrupted": interrupted,
             "n_requested": len(probs),
             "model": str(model) if model else "shipped:tiny-policy",
-            "problems": str(problems) if problems else f"arithmetic:{steps}-step:seed{HELDOUT_SEED}",
+            "problems": source,
         }
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     typer.echo(
-        f"{spec.name}: accuracy {summary['accuracy']:.3f} on {summary['n_problems']} problems, "
+        f"{entry.name}: accuracy {summary['accuracy']:.3f} on {summary['n_problems']} problems, "
         f"{summary['generated_tokens_per_problem']:.0f} generated tokens/problem, {wall:.1f} s"
         + (" (interrupted)" if interrupted else "")
     )
@@ -214,14 +195,21 @@ def search(
 
 
 def summarize(
-    spec: SearchSpec, trees: Sequence[Any], policy: Any, *, wall: float, budget: int, seed: int
+    algorithm: str,
+    knobs: dict[str, Any],
+    trees: Sequence[Any],
+    policy: Any,
+    *,
+    wall: float,
+    budget: int,
+    seed: int,
 ) -> dict[str, Any]:
     """The run's numbers: accuracy and compute per problem, from the trees and the policy's ledger."""
     k = max(1, len(trees))
     total = policy.ledger.total
     return {
-        "algorithm": spec.name,
-        "knobs": {key: getattr(v, "__name__", v) for key, v in spec.knobs.items()},
+        "algorithm": algorithm,
+        "knobs": {key: registry.knob_json(v) for key, v in knobs.items()},
         "budget": budget,
         "seed": seed,
         "n_problems": len(trees),
@@ -236,6 +224,199 @@ def summarize(
         "wall_seconds": wall,
         "wall_by_phase": dict(policy.ledger.wall),
     }
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{flag} takes comma-separated integers, got {text!r}")
+    if not values:
+        _fail(f"{flag} is empty")
+    if len(set(values)) != len(values):
+        _fail(f"{flag} repeats a value: {text!r}")
+    return values
+
+
+def _print_table(rows: Sequence[dict[str, Any]], title: str) -> None:
+    """The sweep's rows as a terminal table (results.md has the same numbers)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in (
+        "algorithm",
+        "budget",
+        "seeds",
+        "problems",
+        "accuracy [95% CI]",
+        "tokens/problem (max)",
+        "computed/unique",
+        "wall/problem",
+    ):
+        table.add_column(col, justify="left" if col == "algorithm" else "right")
+    for r in rows:
+        if not r["n_problems"]:
+            table.add_row(
+                r["algorithm"], str(r["budget"]), ",".join(map(str, r["seeds"])), "0", "-", "-", "-", "-"
+            )
+            continue
+        lo, hi = r["accuracy_ci"]
+        table.add_row(
+            r["algorithm"],
+            str(r["budget"]),
+            ",".join(map(str, r["seeds"])),
+            str(r["n_problems"]),
+            f"{r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]",
+            f"{r['generated_tokens_per_problem']:.0f} ({r['max_generated_tokens']})",
+            f"{r['computed_per_unique']:.3f}",
+            f"{1000 * r['wall_per_problem']:.0f} ms",
+        )
+    Console(width=140).print(table)
+
+
+@app.command()
+def bench(
+    algorithms: Annotated[
+        str, typer.Option(help=f"Comma-separated algorithms to sweep, from: {ALGORITHMS}. {SCALES}")
+    ] = DEFAULT_BENCH_ALGORITHMS,
+    budgets: Annotated[
+        str, typer.Option(help="Comma-separated generated-token budgets per problem (hard caps).")
+    ] = "256,512,1024",
+    seeds: Annotated[str, typer.Option(help="Comma-separated sampling seeds.")] = "0",
+    n_problems: Annotated[
+        int, typer.Option(help="Number of held-out arithmetic problems.")
+    ] = DEFAULT_BENCH_PROBLEMS,
+    steps: Annotated[int, typer.Option(help="Steps per arithmetic problem (1-5).")] = 4,
+    problems: Annotated[
+        Path | None, typer.Option(help="JSONL file of {question, answer} problems instead.")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Policy folder (from_pretrained); default: shipped.")
+    ] = None,
+    knob: Annotated[list[str] | None, typer.Option(help=KNOB_HELP)] = None,
+    out: Annotated[
+        Path, typer.Option(help="Output folder; rerunning the same command resumes from what it holds.")
+    ] = Path("runs/bench"),
+    batch_problems: Annotated[int, typer.Option(help="Problems searched together in one chunk.")] = 16,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % CIs.")] = 2000,
+) -> None:
+    """Sweep algorithms × budgets × seeds at equal generated-token budgets; write results.json, results.md, plots.
+
+    Every cell gets the same hard cap in generated tokens per problem, and its width knob grows with the budget
+    (see --algorithms; best-of-N's n never binds, so it draws as many samples as the cap pays for); the tables and
+    plots use the tokens each cell actually spent. Trees go to <out>/trees/ as they are searched: rerun the same command
+    after a Ctrl-C or a crash and only the missing problems are searched.
+    """
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from treeward import bench as bench_lib
+    from treeward.tasks import ArithmeticAnswer, ArithmeticSteps
+
+    names = [a.strip() for a in algorithms.split(",") if a.strip()]
+    if not names:
+        _fail("--algorithms is empty")
+    if len(set(names)) != len(names):
+        _fail(f"--algorithms repeats a name: {algorithms!r}")
+    budget_list = _int_list(budgets, "--budgets")
+    if min(budget_list) <= 0:
+        _fail(f"--budgets must be positive numbers of tokens, got {budgets!r}")
+    seed_list = _int_list(seeds, "--seeds")
+    if batch_problems < 1:
+        _fail(f"--batch-problems must be ≥ 1, got {batch_problems}")
+    if bootstrap < 1:
+        _fail(f"--bootstrap must be ≥ 1, got {bootstrap}")
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be ≥ 1, got {threads}")
+    try:
+        found = [registry.get(a) for a in names]
+        overrides = registry.parse_knob_args(knob or [], names)
+    except registry.KnobError as e:
+        _fail(str(e))
+    probs, source = _load_problems(problems, n_problems, steps)
+    entries = []
+    for found_entry in found:
+        ov = overrides[found_entry.name]
+        knobs = registry.resolve_knobs(found_entry, defaults={"max_tokens": _max_tokens(probs)}, overrides=ov)
+        # a width fixed with --knob is no longer scaled with the budget
+        scale = found_entry.scale
+        entries.append(replace(found_entry, knobs=knobs, scale=None if scale and scale.knob in ov else scale))
+    try:
+        loaded = _load_policy(model)
+    except ValueError as e:  # ModelLoadError
+        _fail(str(e))
+    import torch
+
+    from treeward.engine.hf import HFPolicy
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    def fresh_policy() -> Any:  # same weights, empty ledger and KV store
+        return HFPolicy(loaded.model, loaded.tokenizer)
+
+    scorer, outcome = ArithmeticSteps(), ArithmeticAnswer()
+    model_name = str(model) if model else "shipped:tiny-policy"
+    setup = {"problems": source, "model": model_name, "scorer": scorer.name, "outcome": outcome.name}
+    sweep = bench_lib.cells(entries, budget_list, seed_list)
+    try:
+        plans = bench_lib.plan(sweep, probs, out, chunk_size=batch_problems, setup=setup)
+    except bench_lib.BenchError as e:
+        _fail(str(e))
+    total = sum(len(p.chunks) for p in plans)
+    resumed = sum(p.done for p in plans)
+    if resumed:
+        typer.echo(
+            f"resuming {out}: {resumed} cell-problems already searched, {total} chunks to go", err=True
+        )
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("chunks"),
+        TimeElapsedColumn(),
+    )
+    t0 = time.perf_counter()
+    interrupted = False
+    with Progress(*columns, transient=False, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("bench", total=total)
+
+        def advance(cell: Any, trees: Sequence[Any]) -> None:
+            bar.update(task, advance=1, description=cell.name)
+
+        try:
+            bench_lib.run(plans, fresh_policy, scorer, outcome, out, on_chunk=advance)
+        except bench_lib.BenchError as e:
+            _fail(f"{e} (finished trees are kept in {out / 'trees'})")
+        except KeyboardInterrupt:
+            interrupted = True
+    wall = time.perf_counter() - t0
+    results = bench_lib.collect(sweep, probs, out, n_boot=bootstrap)
+    results = {
+        "setup": setup,
+        "algorithms": names,
+        "budgets": sorted(budget_list),
+        "seeds": seed_list,
+        "n_problems": len(probs),
+        "chunk_size": batch_problems,
+        "budget_rule": {
+            e.name: None if e.scale is None else {"knob": e.scale.knob, "per": e.scale.per} for e in entries
+        },
+        "environment": {"torch_threads": torch.get_num_threads(), "wall_seconds_this_run": wall},
+        "interrupted": interrupted,
+        **results,
+    }
+    title = f"{source} · {len(probs)} problems · {model_name} · {scorer.name}"
+    paths = bench_lib.write_reports(results, out, title=title)
+
+    _print_table(results["rows"], title + (" (interrupted)" if interrupted else ""))
+    typer.echo(f"{wall:.1f} s; wrote {', '.join(str(p) for p in paths)}")
+    if interrupted:
+        raise typer.Exit(130)
 
 
 def main() -> None:

@@ -81,7 +81,8 @@ def best_of_n(
             salt=wave,
         )
         refs = [(r.tree, node) for r, nodes in zip(requests, new, strict=True) for node in nodes]
-        score_paths(scorer, trees, refs)
+        with policy.ledger.timed("score"):
+            score_paths(scorer, trees, refs)
         for r, nodes in zip(requests, new, strict=True):
             finals[r.tree].extend(nodes)
         wave += 1
