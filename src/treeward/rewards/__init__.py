@@ -27,6 +27,9 @@ from treeward.rewards.base import (
     reward,
     run_sync,
 )
+
+# --- built-in reward catalogue (each module keeps its heavy imports lazy) ------------------------------------------
+from treeward.rewards.code import CodeExecution
 from treeward.rewards.compose import (
     Affine,
     Cascade,
@@ -52,36 +55,84 @@ from treeward.rewards.process import (
     ProdSteps,
     SumSteps,
 )
+from treeward.rewards.retrieval import (
+    CitationRubricReward,
+    CostAwareF1,
+    NuggetCoverage,
+    RegularizedRelevance,
+    RetrievalShaping,
+)
+from treeward.rewards.sql import ReasoningSqlReward, SqlExecutionMatch, SqlNgram, SqlSchemaLinking, SqlSyntax
+from treeward.rewards.text import BleuberiBLEU, BleuRougeF1, ChrF, RougeL, SentenceBLEU
+from treeward.rewards.tools import RouterReward, ToolCallReward
+from treeward.rewards.verifiable import (
+    ExactMatch,
+    LengthPenalty,
+    MathVerify,
+    NumericMatch,
+    OverlongPenalty,
+    RegexFormat,
+    RepetitionPenalty,
+    SubstringMatch,
+    TagFormat,
+    TokenF1,
+)
 
-# --- built-in reward catalogue: exports added by the lead ------------------------------------------------------
-# (verifiable.py, text.py, tools.py, retrieval.py, sandbox.py, sql.py, code.py; keep their heavy imports lazy)
 # --- end of built-in reward catalogue ---------------------------------------------------------------------------
 
 __all__ = [
     "Affine",
     "AsyncReward",
+    "BleuRougeF1",
+    "BleuberiBLEU",
     "Cascade",
+    "ChrF",
+    "CitationRubricReward",
     "Clip",
     "ClipDeltaSteps",
     "ClipSteps",
+    "CodeExecution",
+    "CostAwareF1",
     "DeltaSteps",
     "DifficultyScale",
+    "ExactMatch",
     "Gate",
     "GroupZScore",
     "LastStep",
+    "LengthPenalty",
     "Lexicographic",
+    "MathVerify",
     "MaxOverReferences",
     "MeanSteps",
     "MinStep",
+    "NuggetCoverage",
+    "NumericMatch",
+    "OverlongPenalty",
     "ProcessReward",
     "ProdSteps",
     "Product",
+    "ReasoningSqlReward",
+    "RegexFormat",
+    "RegularizedRelevance",
     "Rename",
+    "RepetitionPenalty",
+    "RetrievalShaping",
     "Reward",
     "RewardResult",
+    "RougeL",
+    "RouterReward",
     "Sample",
+    "SentenceBLEU",
+    "SqlExecutionMatch",
+    "SqlNgram",
+    "SqlSchemaLinking",
+    "SqlSyntax",
     "Status",
+    "SubstringMatch",
     "SumSteps",
+    "TagFormat",
+    "TokenF1",
+    "ToolCallReward",
     "Unlikeliness",
     "WeightedSum",
     "ascore",
@@ -93,5 +144,4 @@ __all__ = [
     "to_openrlhf",
     "to_trl",
     "to_verl",
-    # built-in reward catalogue (added by the lead)
 ]
