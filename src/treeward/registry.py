@@ -38,7 +38,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
-from treeward.search import beam_search, best_of_n, best_score, majority_vote, weighted_vote
+from treeward.search import (
+    beam_search,
+    best_of_n,
+    best_score,
+    dvts,
+    ets,
+    majority_vote,
+    rebase,
+    weighted_vote,
+)
 from treeward.search.ops import max_backup, mean_backup, soft_backup
 from treeward.tree import Tree
 
@@ -111,6 +120,12 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("majority", best_of_n, {"aggregate": majority_vote}, Scale("n", per=1)),
     Entry("weighted", best_of_n, {"aggregate": weighted_vote}, Scale("n", per=1)),
     Entry("beam", beam_search, scale=Scale("expansions", per=128)),
+    # DVTS's n must stay a multiple of its expansions, so it is not widened with the budget
+    Entry("dvts", dvts, {"n": 12}),
+    # REBASE width 13 spends ~790 tokens on 4-step problems with the shipped policy: ~64 tokens per unit of width
+    Entry("rebase", rebase, scale=Scale("width", per=64)),
+    # λ_c = 2 halves the retained tree (KV proxy) at REBASE's accuracy; the ETS code's default 1 barely prunes here
+    Entry("ets", ets, {"lambda_c": 2.0}, Scale("width", per=64)),
 )
 REGISTRY: dict[str, Entry] = {e.name: e for e in ENTRIES}
 

@@ -15,6 +15,8 @@ from treeward.search.core import (
     majority_vote,
     weighted_vote,
 )
+from treeward.search.dvts import dvts
+from treeward.search.rebase import ets, rebase
 
 __all__ = [
     "Budget",
@@ -22,8 +24,11 @@ __all__ = [
     "beam_search",
     "best_of_n",
     "best_score",
+    "dvts",
+    "ets",
     "extract_answer",
     "grade",
     "majority_vote",
+    "rebase",
     "weighted_vote",
 ]
