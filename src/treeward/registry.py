@@ -45,6 +45,8 @@ from treeward.search import (
     dvts,
     ets,
     majority_vote,
+    mcts,
+    mcts_star,
     rebase,
     weighted_vote,
 )
@@ -126,6 +128,9 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("rebase", rebase, scale=Scale("width", per=64)),
     # λ_c = 2 halves the retained tree (KV proxy) at REBASE's accuracy; the ETS code's default 1 barely prunes here
     Entry("ets", ets, {"lambda_c": 2.0}, Scale("width", per=64)),
+    # MCTS stops spending once a path scores 1 (about 270 tokens a problem here): the budget only caps it
+    Entry("mcts", mcts),
+    Entry("mcts_star", mcts_star),
 )
 REGISTRY: dict[str, Entry] = {e.name: e for e in ENTRIES}
 

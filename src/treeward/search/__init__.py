@@ -16,6 +16,7 @@ from treeward.search.core import (
     weighted_vote,
 )
 from treeward.search.dvts import dvts
+from treeward.search.mcts import mcts, mcts_star
 from treeward.search.rebase import ets, rebase
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "extract_answer",
     "grade",
     "majority_vote",
+    "mcts",
+    "mcts_star",
     "rebase",
     "weighted_vote",
 ]
