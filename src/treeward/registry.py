@@ -42,12 +42,18 @@ from treeward.search import (
     beam_search,
     best_of_n,
     best_score,
+    dts,
+    dts_star,
     dvts,
     ets,
     majority_vote,
     mcts,
     mcts_star,
     rebase,
+    tot_bfs,
+    tot_dfs,
+    vas_decode,
+    ved_decode,
     weighted_vote,
 )
 from treeward.search.ops import max_backup, mean_backup, soft_backup
@@ -131,6 +137,12 @@ ENTRIES: tuple[Entry, ...] = (
     # MCTS stops spending once a path scores 1 (about 270 tokens a problem here): the budget only caps it
     Entry("mcts", mcts),
     Entry("mcts_star", mcts_star),
+    Entry("tot_bfs", tot_bfs),
+    Entry("tot_dfs", tot_dfs),
+    Entry("dts", dts),
+    Entry("dts_star", dts_star),
+    Entry("vas", vas_decode),
+    Entry("ved", ved_decode),
 )
 REGISTRY: dict[str, Entry] = {e.name: e for e in ENTRIES}
 

@@ -15,9 +15,12 @@ from treeward.search.core import (
     majority_vote,
     weighted_vote,
 )
+from treeward.search.dts import dts, dts_star
 from treeward.search.dvts import dvts
 from treeward.search.mcts import mcts, mcts_star
 from treeward.search.rebase import ets, rebase
+from treeward.search.tot import tot_bfs, tot_dfs
+from treeward.search.vgd import vas_decode, ved_decode
 
 __all__ = [
     "Budget",
@@ -25,6 +28,8 @@ __all__ = [
     "beam_search",
     "best_of_n",
     "best_score",
+    "dts",
+    "dts_star",
     "dvts",
     "ets",
     "extract_answer",
@@ -33,5 +38,9 @@ __all__ = [
     "mcts",
     "mcts_star",
     "rebase",
+    "tot_bfs",
+    "tot_dfs",
+    "vas_decode",
+    "ved_decode",
     "weighted_vote",
 ]

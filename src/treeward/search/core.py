@@ -39,6 +39,7 @@ __all__ = [
     "path_key",
     "path_sample",
     "score_paths",
+    "snapshot",
     "weighted_vote",
 ]
 
@@ -152,7 +153,7 @@ def expand(
     With ``stop`` set each continuation becomes one child (one step). With ``stop=None`` (whole solutions, as
     best-of-N samples them) a continuation is cut into a chain of step nodes at newline tokens, and the returned
     list holds the *last* node of each chain. The last node of a chain is terminal when it ended at EOS, was cut
-    by the token cap, or contains an answer; its ``answer`` is ``answer_fn`` of the whole path's text.
+    by the token cap, or contains an answer; its ``answer`` is ``answer_fn`` of that last node's text.
     """
     if not requests:
         return []
