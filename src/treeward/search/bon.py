@@ -13,11 +13,10 @@ from treeward.search.core import (
     Request,
     SearchError,
     check_budget,
-    expand,
+    expand_and_score,
     extract_answer,
     finish,
     init_trees,
-    score_paths,
     snapshot,
     weighted_vote,
 )
@@ -69,8 +68,9 @@ def best_of_n(
                 requests.append(Request(i, 0, m, max_tokens))
         if not requests:
             break
-        new = expand(
+        new = expand_and_score(
             policy,
+            scorer,
             trees,
             budgets,
             requests,
@@ -80,9 +80,6 @@ def best_of_n(
             answer_fn=answer_fn,
             salt=wave,
         )
-        refs = [(r.tree, node) for r, nodes in zip(requests, new, strict=True) for node in nodes]
-        with policy.ledger.timed("score"):
-            score_paths(scorer, trees, refs)
         for r, nodes in zip(requests, new, strict=True):
             finals[r.tree].extend(nodes)
         wave += 1

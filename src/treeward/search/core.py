@@ -30,6 +30,7 @@ __all__ = [
     "best_score",
     "check_budget",
     "expand",
+    "expand_and_score",
     "extract_answer",
     "finish",
     "grade",
@@ -228,6 +229,39 @@ def _sample(
         out.append([flat[i + j][0] for j in range(r.n)])
         i += r.n
     return out
+
+
+def expand_and_score(
+    policy: Policy,
+    scorer: Reward,
+    trees: Sequence[Tree],
+    budgets: Sequence[Budget],
+    requests: Sequence[Request],
+    *,
+    temperature: float,
+    seed: int,
+    stop: str | None = "\n",
+    answer_fn: AnswerFn = extract_answer,
+    salt: int = 0,
+) -> list[list[Node]]:
+    """:func:`expand` the requests in one engine call, then score every new node's path in one scorer call (timed
+    as the "score" phase); returns the new nodes per request, as :func:`expand` does."""
+    new = expand(
+        policy,
+        trees,
+        budgets,
+        requests,
+        temperature=temperature,
+        seed=seed,
+        stop=stop,
+        answer_fn=answer_fn,
+        salt=salt,
+    )
+    with policy.ledger.timed("score"):
+        score_paths(
+            scorer, trees, [(r.tree, c) for r, nodes in zip(requests, new, strict=True) for c in nodes]
+        )
+    return new
 
 
 def path_key(tree: Tree, node: Node) -> tuple[float, float, int]:

@@ -26,11 +26,10 @@ from treeward.search.core import (
     Request,
     SearchError,
     check_budget,
-    expand,
+    expand_and_score,
     extract_answer,
     finish,
     init_trees,
-    score_paths,
     snapshot,
     weighted_vote,
 )
@@ -307,8 +306,9 @@ def _width_search(
                 )
         if not requests:
             break
-        new = expand(
+        new = expand_and_score(
             policy,
+            scorer,
             trees,
             budgets,
             requests,
@@ -318,8 +318,6 @@ def _width_search(
             salt=depth,
         )
         refs = [(r.tree, c) for r, nodes in zip(requests, new, strict=True) for c in nodes]
-        with policy.ledger.timed("score"):
-            score_paths(scorer, trees, refs)
         frontier = [[] for _ in trees]
         for ti, c in refs:
             (finished[ti] if c.terminal else frontier[ti]).append(c)

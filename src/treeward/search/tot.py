@@ -16,12 +16,11 @@ from treeward.search.core import (
     SearchError,
     best_score,
     check_budget,
-    expand,
+    expand_and_score,
     extract_answer,
     finish,
     init_trees,
     path_key,
-    score_paths,
     snapshot,
 )
 from treeward.tree import Node, Problem, Tree
@@ -87,8 +86,9 @@ def tot_bfs(
                     requests.append(Request(i, node.id, min(samples, rows - j * samples), max_step_tokens))
         if not requests:
             break
-        new = expand(
+        new = expand_and_score(
             policy,
+            scorer,
             trees,
             budgets,
             requests,
@@ -97,10 +97,6 @@ def tot_bfs(
             answer_fn=answer_fn,
             salt=depth,
         )
-        with policy.ledger.timed("score"):
-            score_paths(
-                scorer, trees, [(r.tree, c) for r, nodes in zip(requests, new, strict=True) for c in nodes]
-            )
         with policy.ledger.timed("select"):
             candidates: list[list[Node]] = [[] for _ in trees]
             for r, nodes in zip(requests, new, strict=True):
@@ -214,8 +210,9 @@ def tot_dfs(
                 requests.append(Request(i, node.id, m, max_step_tokens))
         if not requests:
             break
-        new = expand(
+        new = expand_and_score(
             policy,
+            scorer,
             trees,
             budgets,
             requests,
@@ -224,10 +221,6 @@ def tot_dfs(
             answer_fn=answer_fn,
             salt=rnd,
         )
-        with policy.ledger.timed("score"):
-            score_paths(
-                scorer, trees, [(r.tree, c) for r, nodes in zip(requests, new, strict=True) for c in nodes]
-            )
         with policy.ledger.timed("select"):
             for r, nodes in zip(requests, new, strict=True):
                 st = states[r.tree]

@@ -31,13 +31,12 @@ from treeward.search.core import (
     SearchError,
     best_score,
     check_budget,
-    expand,
+    expand_and_score,
     extract_answer,
     finish,
     init_trees,
     node_seed,
     path_key,
-    score_paths,
     snapshot,
 )
 from treeward.tree import Node, Problem, Tree
@@ -143,8 +142,16 @@ def _value_guided_decode(
                     requests.append(Request(i, node.id, min(probe, rows - j * probe), max_step_tokens))
         if not requests:
             break
-        new = _expand_and_score(
-            policy, scorer, trees, budgets, requests, temperature, seed, answer_fn, salt=2 * depth
+        new = expand_and_score(
+            policy,
+            scorer,
+            trees,
+            budgets,
+            requests,
+            temperature=temperature,
+            seed=seed,
+            answer_fn=answer_fn,
+            salt=2 * depth,
         )
         if extra > 0 and n_decisive > 0:
             with policy.ledger.timed("select"):
@@ -157,8 +164,16 @@ def _value_guided_decode(
                 requests = [*requests, *more]
                 new = [
                     *new,
-                    *_expand_and_score(
-                        policy, scorer, trees, budgets, more, temperature, seed, answer_fn, salt=2 * depth + 1
+                    *expand_and_score(
+                        policy,
+                        scorer,
+                        trees,
+                        budgets,
+                        more,
+                        temperature=temperature,
+                        seed=seed,
+                        answer_fn=answer_fn,
+                        salt=2 * depth + 1,
                     ),
                 ]
         with policy.ledger.timed("select"):
@@ -188,28 +203,6 @@ def _value_guided_decode(
             }
         )
     return finish(policy, trees, final, aggregate, before)
-
-
-def _expand_and_score(
-    policy: Policy,
-    scorer: Reward,
-    trees: Sequence[Tree],
-    budgets: Sequence[Budget],
-    requests: Sequence[Request],
-    temperature: float,
-    seed: int,
-    answer_fn: AnswerFn,
-    *,
-    salt: int,
-) -> list[list[Node]]:
-    new = expand(
-        policy, trees, budgets, requests, temperature=temperature, seed=seed, answer_fn=answer_fn, salt=salt
-    )
-    with policy.ledger.timed("score"):
-        score_paths(
-            scorer, trees, [(r.tree, c) for r, nodes in zip(requests, new, strict=True) for c in nodes]
-        )
-    return new
 
 
 def _decisive_requests(
