@@ -136,6 +136,22 @@ def _refs_or_result(sample: Sample) -> list[str] | RewardResult:
     return refs
 
 
+def _answer_and_refs(
+    sample: Sample, extract: Extract, parse_error_score: float | None
+) -> tuple[str, list[str]] | RewardResult:
+    """The preamble of every answer-vs-reference reward: the sample checks, its references, its extracted answer;
+    or the result that ends the scoring early (bad sample, no reference, no answer found)."""
+    if (pre := _precheck(sample)) is not None:
+        return pre
+    refs = _refs_or_result(sample)
+    if isinstance(refs, RewardResult):
+        return refs
+    ans = extract(sample.response)
+    if ans is None:
+        return RewardResult(parse_error_score, Status.PARSE_ERROR, info={"reason": "no answer found"})
+    return ans, refs
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # answer extraction
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,16 +264,10 @@ class ExactMatch:
         return [self._one(s) for s in samples]
 
     def _one(self, s: Sample) -> RewardResult:
-        if (pre := _precheck(s)) is not None:
-            return pre
-        refs = _refs_or_result(s)
-        if isinstance(refs, RewardResult):
-            return refs
-        ans = self.extract(s.response)
-        if ans is None:
-            return RewardResult(
-                self.parse_error_score, Status.PARSE_ERROR, info={"reason": "no answer found"}
-            )
+        got = _answer_and_refs(s, self.extract, self.parse_error_score)
+        if isinstance(got, RewardResult):
+            return got
+        ans, refs = got
         em = exact_match(ans, refs)
         return RewardResult(em, components={"em": em}, info={"answer": ans})
 
@@ -285,16 +295,10 @@ class SubstringMatch:
         return [self._one(s) for s in samples]
 
     def _one(self, s: Sample) -> RewardResult:
-        if (pre := _precheck(s)) is not None:
-            return pre
-        refs = _refs_or_result(s)
-        if isinstance(refs, RewardResult):
-            return refs
-        ans = self.extract(s.response)
-        if ans is None:
-            return RewardResult(
-                self.parse_error_score, Status.PARSE_ERROR, info={"reason": "no answer found"}
-            )
+        got = _answer_and_refs(s, self.extract, self.parse_error_score)
+        if isinstance(got, RewardResult):
+            return got
+        ans, refs = got
         na = f" {normalize_answer(ans)} "
         hit = float(any((g := normalize_answer(r)) and f" {g} " in na for r in refs))
         return RewardResult(hit, components={"subem": hit}, info={"answer": ans})
@@ -327,16 +331,10 @@ class TokenF1:
         return [self._one(s) for s in samples]
 
     def _one(self, s: Sample) -> RewardResult:
-        if (pre := _precheck(s)) is not None:
-            return pre
-        refs = _refs_or_result(s)
-        if isinstance(refs, RewardResult):
-            return refs
-        ans = self.extract(s.response)
-        if ans is None:
-            return RewardResult(
-                self.parse_error_score, Status.PARSE_ERROR, info={"reason": "no answer found"}
-            )
+        got = _answer_and_refs(s, self.extract, self.parse_error_score)
+        if isinstance(got, RewardResult):
+            return got
+        ans, refs = got
         f1, p, r = max(_f1_prf(ans, g, yes_no_exact=self.yes_no_exact) for g in refs)
         return RewardResult(f1, components={"f1": f1, "precision": p, "recall": r}, info={"answer": ans})
 
