@@ -76,3 +76,19 @@ class SFTExample:
     completion_ids: tuple[int, ...]
     node_id: int
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Advantages:
+    """Advantages for the leaves of one tree, one per step on each leaf's path (every estimator returns this).
+
+    ``leaves`` [L] are the leaf node ids the trainer turns into samples; ``node_ids[l]`` [S_l] are the step nodes on
+    leaf ``l``'s path (root excluded, root-to-leaf order); ``values[l]`` [S_l] is each step's advantage. A
+    sequence-level estimator (GRPO, RLOO) repeats one number along the path; every token of a step gets its step's
+    advantage when expanded to tokens.
+    """
+
+    leaves: tuple[int, ...]
+    node_ids: tuple[tuple[int, ...], ...]
+    values: tuple[tuple[float, ...], ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
