@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.fakes import StepBandit
+from tests.test_search import CountingPRM
 from treeward import bench as B
 from treeward import registry
 from treeward.cli import app
@@ -130,6 +131,35 @@ def test_sweep_on_an_always_right_bandit_by_hand(tmp_path: Path) -> None:
     assert rows["beam", 256]["generated_tokens_per_problem"] == 158
     assert rows["weighted", 256]["accuracy_ci"] == (1.0, 1.0)
     assert res["complete"] is True
+
+
+def test_scorer_tokens_by_hand(tmp_path: Path) -> None:
+    # CountingPRM reports prompt + response characters per scored path; the prompt of P0 is 100 characters
+    factory = _Factory([P0], q=1.0)
+    res = B.bench(
+        _entries("greedy", "beam"), [256], [0], [P0], factory, CountingPRM(), ArithmeticAnswer(), tmp_path
+    )
+    # greedy: one path of 47 characters of text (EOS is no text): 100 + 47 = 147
+    assert _cell(res, "greedy-b256-s0")["scored_tokens_per_problem"] == 147
+    # beam (2 expansions, width 2, as in the hand case above): 2 paths of 17 characters, 4 of 17 + 19, 4 of
+    # 17 + 19 + 11: 2·117 + 4·136 + 4·147 = 234 + 544 + 588 = 1366
+    beam = _cell(res, "beam-b256-s0")
+    assert beam["scored_tokens"] == beam["scored_tokens_per_problem"] == 1366
+    md = B.markdown_table(res["rows"])
+    assert "| scorer tokens / problem |" in md.splitlines()[0]
+    # the beam row: computed / unique = 1370 / 259 = 5.290 (the hand case above; the fake has no cache), then
+    # the scorer tokens, then 3 engine calls
+    assert "| 1.000 [1.000, 1.000] | 158 (158) | 5.290 | 1366 | 3 |" in md
+
+
+def test_kv_footprint_by_hand(tmp_path: Path) -> None:
+    # REBASE at 256: width 256 // 64 = 4. q = 1, so every sample is the right line and every split is even.
+    # depth 0 keeps the root alive: the prompt, 101 tokens (BOS + 100 characters); depth 1 its 4 children
+    # "Step 1: 54*3=162\n" (17 each, 4 distinct nodes): 101 + 68 = 169; depth 2 their 4 children of 19 tokens:
+    # 169 + 76 = 245; the answer lines then finish all 4 paths. Mean over depths: (101 + 169 + 245) / 3 = 171.67
+    res = _bench(tmp_path, [P0], _Factory([P0], q=1.0), ("rebase", "weighted"), [256])
+    assert _cell(res, "rebase-b256-s0")["kv_tokens_mean"] == pytest.approx((101 + 169 + 245) / 3)
+    assert _cell(res, "weighted-b256-s0")["kv_tokens_mean"] is None  # best-of-N records none
 
 
 def test_sweep_ranks_algorithms_as_the_bandit_predicts(tmp_path: Path) -> None:

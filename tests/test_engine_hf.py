@@ -337,9 +337,21 @@ def test_ledger_hand_computed_case(tiny: LlamaForCausalLM, tok: PreTrainedTokeni
     plain.expand([prefix], n=2, max_new_tokens=4, seeds=seed, stop=None, groups=["p"])
     cached.expand([prefix], n=2, max_new_tokens=4, seeds=seed, stop=None, groups=["p"])
     # No cache: each row prefills 5 positions, then feeds back all but its last token: 2*5 + (2 + 3) = 15.
-    assert plain.ledger.group("p").to_dict() == {"generated": 7, "computed": 15, "reused": 0, "calls": 1}
+    assert plain.ledger.group("p").to_dict() == {
+        "generated": 7,
+        "computed": 15,
+        "reused": 0,
+        "calls": 1,
+        "scored": 0,
+    }
     # Cache from an empty store: the prefix once (5) + the same decode (5) = 10; the second row reuses 5.
-    assert cached.ledger.group("p").to_dict() == {"generated": 7, "computed": 10, "reused": 5, "calls": 1}
+    assert cached.ledger.group("p").to_dict() == {
+        "generated": 7,
+        "computed": 10,
+        "reused": 5,
+        "calls": 1,
+        "scored": 0,
+    }
     assert plain.ledger.wall["generate"] > 0
 
 
@@ -359,6 +371,7 @@ def test_cross_call_reuse_computes_only_the_new_step(
         "computed": 1 + 4,
         "reused": 2 * len(child) - 1,
         "calls": 1,
+        "scored": 0,
     }
 
 

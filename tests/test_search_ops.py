@@ -19,6 +19,7 @@ from treeward.search.ops import (
     sibling_priors,
     soft_backup,
     uct_select,
+    uniform_weights,
 )
 from treeward.tree import Problem, Tree
 
@@ -45,6 +46,19 @@ def test_uct_visits_unvisited_first_then_balances() -> None:
     assert uct_select(t, t.root, c=2.0).text == "b"
     with pytest.raises(ValueError, match="no children"):
         uct_select(t, t.nodes[2])
+
+
+def test_selection_among_the_children_the_caller_passes() -> None:
+    t = _tree()
+    a, b = t.children(0)
+    t.root.visits = 4
+    a.visits, a.value = 3, 0.9
+    b.visits, b.value = 1, 0.1
+    # by the values above UCT and PUCT pick a (see the by-hand tests); restricted to [b], both must pick b
+    assert uct_select(t, t.root, children=[b]) is b
+    assert puct_select(t, t.root, children=[b]) is b
+    with pytest.raises(ValueError, match="no children"):
+        uct_select(t, t.root, children=[])
 
 
 def test_sibling_priors_use_mean_token_logprob() -> None:
@@ -118,6 +132,34 @@ def test_soft_backup_interpolates_mean_and_max() -> None:
     assert soft_backup(200.0)(t, t.root, 0.0) == pytest.approx(1.0, abs=0.01)
     assert soft_backup(1e-4)(t, t.root, 0.0) == pytest.approx(0.25, abs=1e-3)
     assert soft_backup(1.0)(t, t.nodes[3], 0.3) == 0.3  # a leaf takes the leaf value
+
+
+def _slow_soft(children: list[tuple[int, float | None]], lam: float, uniform: bool) -> float | None:
+    """Reference: the soft value from (visits, value) pairs with plain Python floats, ``None`` without any."""
+    used = [(n, v) for n, v in children if n > 0 and v is not None]
+    if not used:
+        return None
+    weights = [1.0 if uniform else float(n) for n, _ in used]
+    mean = sum(w * math.exp(lam * v) for w, (_, v) in zip(weights, used, strict=True)) / sum(weights)
+    return math.log(mean) / lam
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.none() | st.floats(-3, 3)), min_size=1, max_size=6),
+    st.sampled_from([0.1, 1.0, 7.0]),
+    st.booleans(),
+)
+def test_soft_backup_matches_slow_reference(
+    children: list[tuple[int, float | None]], lam: float, uniform: bool
+) -> None:
+    t = Tree.new(Problem("t", "Q\n"), [1])
+    for visits, value in children:
+        t.add(0, text="s", token_ids=[5], value=value, visits=visits)
+    rule = soft_backup(lam, weights=uniform_weights) if uniform else soft_backup(lam)
+    expect = _slow_soft(children, lam, uniform)
+    # no visited, valued child: the leaf value passes through
+    assert rule(t, t.root, 0.25) == pytest.approx(0.25 if expect is None else expect, rel=1e-9, abs=1e-12)
 
 
 @settings(max_examples=30, deadline=None)

@@ -21,15 +21,8 @@ from tests.fakes import StepBandit
 from treeward.engine.base import Continuation, Ledger
 from treeward.rewards.base import RewardResult, Sample, Status
 from treeward.search.core import SearchError, grade
-from treeward.search.dts import (
-    TiltedDraw,
-    dts,
-    dts_star,
-    greedy_child,
-    tilted_probabilities,
-    uniform_soft_backup,
-)
-from treeward.search.ops import soft_backup
+from treeward.search.dts import TiltedDraw, dts, dts_star, greedy_child, tilted_probabilities
+from treeward.search.ops import soft_backup, uniform_weights
 from treeward.search.tot import tot_bfs, tot_dfs
 from treeward.search.vgd import ValueAugmentedPick, sibling_spread, vas_decode, ved_decode
 from treeward.tasks import ArithmeticAnswer, ArithmeticSteps, generate_problems
@@ -418,15 +411,26 @@ def test_uniform_soft_backup_by_hand_and_versus_the_visit_weighted_one() -> None
     t = Tree.new(Problem("s", "Q\n"), [1])
     t.add(0, text="x", token_ids=[5], value=0.0, visits=1)
     t.add(0, text="y", token_ids=[6], value=1.0, visits=3)
+    t.add(0, text="z", token_ids=[7], value=None, visits=0)  # an unscored rollout: left out of both averages
+    uniform = soft_backup(1.0, weights=uniform_weights)  # the backup DTS and DTS* use
     # uniform over the two children: log((e^0 + e^1) / 2) = log(1.859) = 0.620
-    assert uniform_soft_backup(1.0)(t, t.root, 0.0) == pytest.approx(math.log((1 + math.e) / 2))
-    # visit-weighted (ops.soft_backup): log((1·1 + 3·e) / 4) = log(2.289) = 0.828
+    assert uniform(t, t.root, 0.0) == pytest.approx(math.log((1 + math.e) / 2))
+    # visit-weighted (the default): log((1·1 + 3·e) / 4) = log(2.289) = 0.828
     assert soft_backup(1.0)(t, t.root, 0.0) == pytest.approx(math.log((1 + 3 * math.e) / 4))
     # a leaf keeps the leaf value; λ → large approaches the max
-    assert uniform_soft_backup(1.0)(t, t.nodes[1], 0.3) == 0.3
-    assert uniform_soft_backup(200.0)(t, t.root, 0.0) == pytest.approx(1.0, abs=0.01)
+    assert uniform(t, t.nodes[1], 0.3) == 0.3
+    assert soft_backup(200.0, weights=uniform_weights)(t, t.root, 0.0) == pytest.approx(1.0, abs=0.01)
+    assert uniform.__name__ == "soft_backup(λ=1, uniform_weights)"
+    assert _backup_name(dts) == uniform.__name__
     with pytest.raises(ValueError):
-        uniform_soft_backup(0.0)
+        soft_backup(0.0, weights=uniform_weights)
+
+
+def _backup_name(algo: Callable[..., list[Tree]]) -> str:
+    """The backup rule a DTS search records in its trees' metadata."""
+    problems = generate_problems(1, 1, seed=0)
+    [t] = algo(problems, StepBandit(problems), STEPS, 200, max_rollouts=1, max_tokens=100)
+    return str(t.metadata["backup"])
 
 
 def test_tilted_draw_is_seeded_and_follows_the_values() -> None:

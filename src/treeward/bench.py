@@ -14,7 +14,10 @@ resumed cell reports what an uninterrupted one would (wall time aside).
 
 The report (:func:`collect`) is recomputed from the stored trees and stats, never from memory: accuracy with a
 seeded percentile-bootstrap 95 % CI over problems, actual generated tokens per problem (mean and max; max ≤ budget),
-computed and reused tokens, computed / unique tree tokens, engine calls, wall time per phase and per problem.
+computed and reused tokens, computed / unique tree tokens, scorer tokens (what a model-based scorer computed, from
+the trees' ledgers; 0 for rule-based scorers), engine calls, wall time per phase and per problem, and the KV
+footprint of the algorithms that record one (REBASE and ETS: ``tree.metadata["kv_tokens_mean"]``, the distinct
+tree tokens the retained nodes keep alive, averaged over depths).
 Chunk-level numbers (wall time, batched engine calls) are shared equally among the chunk's problems, so a report
 over any subset of the problems stays consistent. :func:`write_reports` writes ``results.json``, ``results.md`` and
 two plots (accuracy vs generated tokens, accuracy vs wall time per problem).
@@ -304,12 +307,14 @@ class _Acc:
     generated: list[int] = field(default_factory=list)
     computed: int = 0
     reused: int = 0
+    scored: int = 0
     unique: int = 0
     calls: float = 0.0
     wall: float = 0.0
     phases: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     terminals: int = 0
     answered: int = 0
+    kv: list[float] = field(default_factory=list)
 
     def add(self, tree: Tree, rec: Mapping[str, Any]) -> None:
         share = 1 / len(rec["problems"])
@@ -317,6 +322,7 @@ class _Acc:
         self.generated.append(tree.generated_tokens)
         self.computed += int(tree.ledger.get("computed", 0))
         self.reused += int(tree.ledger.get("reused", 0))
+        self.scored += int(tree.ledger.get("scored", 0))
         self.unique += _unique_tokens(tree)
         self.calls += rec["ledger"]["calls"] * share
         self.wall += rec["wall"] * share
@@ -324,6 +330,8 @@ class _Acc:
             self.phases[k] += v * share
         self.terminals += len(tree.terminals())
         self.answered += tree.answer is not None
+        if "kv_tokens_mean" in tree.metadata:
+            self.kv.append(float(tree.metadata["kv_tokens_mean"]))
 
     def numbers(self) -> dict[str, Any]:
         n = len(self.correct)
@@ -338,8 +346,12 @@ class _Acc:
             "unique_tree_tokens": self.unique,
             "computed_per_unique": self.computed / self.unique if self.unique else None,
             "computed_tokens_per_problem": self.computed / n,
+            "scored_tokens": self.scored,
+            "scored_tokens_per_problem": self.scored / n,
             "engine_calls": self.calls,
             "terminals_per_problem": self.terminals / n,
+            # unique tree tokens kept alive per depth (REBASE/ETS record it), mean over depths and problems
+            "kv_tokens_mean": sum(self.kv) / len(self.kv) if self.kv else None,
             "wall_seconds": self.wall,
             "wall_per_problem": self.wall / n,
             "wall_by_phase": dict(self.phases),
@@ -413,6 +425,7 @@ def collect(
                     # sums over seeds become per-seed means so rows compare with single cells
                     "computed_tokens": acc.computed / k,
                     "reused_tokens": acc.reused / k,
+                    "scored_tokens": acc.scored / k,
                     "unique_tree_tokens": acc.unique / k,
                     "engine_calls": acc.calls / k,
                     "wall_seconds": acc.wall / k,
@@ -432,17 +445,18 @@ def _fmt_seeds(seeds: Sequence[int]) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One line per (algorithm, budget): accuracy with its CI, actual spend, cache efficiency, wall time."""
+    """One line per (algorithm, budget): accuracy with its CI, actual spend, cache efficiency, scorer tokens, wall
+    time."""
     head = (
         "| algorithm | budget | seeds | problems | accuracy [95 % CI] | generated tokens / problem (max) "
-        "| computed / unique tokens | engine calls | wall / problem |\n"
-        "|---|---:|---|---:|---|---:|---:|---:|---:|\n"
+        "| computed / unique tokens | scorer tokens / problem | engine calls | wall / problem |\n"
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
         if not r["n_problems"]:
             lines.append(
-                f"| {r['algorithm']} | {r['budget']} | {_fmt_seeds(r['seeds'])} | 0 | – | – | – | – | – |"
+                f"| {r['algorithm']} | {r['budget']} | {_fmt_seeds(r['seeds'])} | 0 | – | – | – | – | – | – |"
             )
             continue
         lo, hi = r["accuracy_ci"]
@@ -451,7 +465,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"| {r['algorithm']} | {r['budget']} | {_fmt_seeds(r['seeds'])} | {r['n_problems']} "
             f"| {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
             f"| {r['generated_tokens_per_problem']:.0f} ({r['max_generated_tokens']}) "
-            f"| {'–' if ratio is None else f'{ratio:.3f}'} | {r['engine_calls']:.0f} "
+            f"| {'–' if ratio is None else f'{ratio:.3f}'} | {r['scored_tokens_per_problem']:.0f} "
+            f"| {r['engine_calls']:.0f} "
             f"| {1000 * r['wall_per_problem']:.0f} ms |"
         )
     return head + "\n".join(lines) + "\n"

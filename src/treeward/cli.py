@@ -220,6 +220,7 @@ def summarize(
         "generated_tokens": total.generated,
         "computed_tokens": total.computed,
         "reused_tokens": total.reused,
+        "scored_tokens": total.scored,
         "engine_calls": total.calls,
         "wall_seconds": wall,
         "wall_by_phase": dict(policy.ledger.wall),
@@ -252,13 +253,14 @@ def _print_table(rows: Sequence[dict[str, Any]], title: str) -> None:
         "accuracy [95% CI]",
         "tokens/problem (max)",
         "computed/unique",
+        "scorer tokens/problem",
         "wall/problem",
     ):
         table.add_column(col, justify="left" if col == "algorithm" else "right")
     for r in rows:
         if not r["n_problems"]:
             table.add_row(
-                r["algorithm"], str(r["budget"]), ",".join(map(str, r["seeds"])), "0", "-", "-", "-", "-"
+                r["algorithm"], str(r["budget"]), ",".join(map(str, r["seeds"])), "0", "-", "-", "-", "-", "-"
             )
             continue
         lo, hi = r["accuracy_ci"]
@@ -270,6 +272,7 @@ def _print_table(rows: Sequence[dict[str, Any]], title: str) -> None:
             f"{r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]",
             f"{r['generated_tokens_per_problem']:.0f} ({r['max_generated_tokens']})",
             f"{r['computed_per_unique']:.3f}",
+            f"{r['scored_tokens_per_problem']:.0f}",
             f"{1000 * r['wall_per_problem']:.0f} ms",
         )
     Console(width=140).print(table)

@@ -56,18 +56,23 @@ class Counts:
     * ``reused``: prefix positions whose key/value states came from a cache instead of being computed.
       ``computed + reused`` is what the same calls would cost with no cache at all.
     * ``calls``: engine calls (one batched ``expand`` or ``score`` call counts once per problem it serves).
+    * ``scored``: tokens a model-based scorer (a learned PRM, an LLM judge) computed to score this policy's paths.
+      The scorer reports them per result (``RewardResult.info["scored_tokens"]``) and the search books them
+      (:func:`treeward.search.core.score_paths`); rule-based scorers compute none.
     """
 
     generated: int = 0
     computed: int = 0
     reused: int = 0
     calls: int = 0
+    scored: int = 0
 
     def add(self, other: Counts) -> None:
         self.generated += other.generated
         self.computed += other.computed
         self.reused += other.reused
         self.calls += other.calls
+        self.scored += other.scored
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -77,8 +82,9 @@ class Counts:
 class Ledger:
     """Compute booked per group (a problem id) and in total, plus wall time per phase.
 
-    Engines book every call; searches read the per-problem counts into each tree's ``ledger`` field. The ledger is
-    owned by one policy object and is not thread-safe.
+    Engines book every call; searches book the tokens a model-based scorer reports (``scored``) and read the
+    per-problem counts into each tree's ``ledger`` field. The ledger is owned by one policy object and is not
+    thread-safe.
     """
 
     total: Counts = field(default_factory=Counts)
@@ -86,10 +92,16 @@ class Ledger:
     wall: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def book(
-        self, group: str | None = None, *, generated: int = 0, computed: int = 0, reused: int = 0
+        self,
+        group: str | None = None,
+        *,
+        generated: int = 0,
+        computed: int = 0,
+        reused: int = 0,
+        scored: int = 0,
     ) -> None:
         """Add tokens to the total and, when ``group`` is given, to that group."""
-        c = Counts(generated=generated, computed=computed, reused=reused)
+        c = Counts(generated=generated, computed=computed, reused=reused, scored=scored)
         self.total.add(c)
         if group is not None:
             self.groups[group].add(c)

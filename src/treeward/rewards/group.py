@@ -51,6 +51,25 @@ def _no_group(name: str, r: RewardResult) -> RewardResult:
     )
 
 
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and Bessel-corrected standard deviation of ``xs`` (std 0 for a group of one); ``xs`` not empty."""
+    mean = math.fsum(xs) / len(xs)
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, std
+
+
+def zscore(xs: Sequence[float], *, scale: bool = True, eps: float = 1e-4) -> list[float]:
+    """Group-relative advantages: ``(x − mean) / (std + eps)`` with the Bessel-corrected std, or ``x − mean`` when
+    not ``scale``. A group whose values are all equal (a group of one included) gives exactly 0 each, never
+    rounding noise divided by ``eps``. Shared by :class:`GroupZScore` and the GRPO-family advantage estimators."""
+    if not xs:
+        return []
+    if all(x == xs[0] for x in xs):
+        return [0.0] * len(xs)
+    mean, std = mean_std(xs)
+    return [(x - mean) / (std + eps) if scale else x - mean for x in xs]
+
+
 class GroupZScore:
     """Per-group standardisation, the group-relative advantage of GRPO (Shao et al. 2024, "DeepSeekMath").
 
@@ -87,16 +106,8 @@ class GroupZScore:
             scored, xs = [i for i, _ in pairs], [x for _, x in pairs]
             if not xs:
                 continue
-            mean = math.fsum(xs) / len(xs)
-            std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-            flat = all(x == xs[0] for x in xs)
-            for i, x in zip(scored, xs, strict=True):
-                if flat:
-                    z = 0.0
-                elif self.scale:
-                    z = (x - mean) / (std + self.eps)
-                else:
-                    z = x - mean
+            mean, std = mean_std(xs)
+            for i, z in zip(scored, zscore(xs, scale=self.scale, eps=self.eps), strict=True):
                 comps = _inner_parts(n, inner[i])
                 comps.update(group_mean=mean, group_std=std, group_size=float(len(xs)))
                 out[i] = RewardResult(z, components=comps, info={CHILDREN: {n: inner[i]}})
@@ -110,6 +121,16 @@ class GroupZScore:
             "eps": self.eps,
             "scale": self.scale,
         }
+
+
+def unlikeliness_factors(logprobs: Sequence[float], beta: float) -> tuple[list[int], list[float]]:
+    """Rank of each sample by log-prob (0 = least likely; ties by position) and its factor ``1 − β · rank / G``
+    (Rewarding the Unlikely). Shared by :class:`Unlikeliness` and the unlikeliness advantage estimator."""
+    order = sorted(range(len(logprobs)), key=lambda i: logprobs[i])  # stable: ties keep their order
+    ranks = [0] * len(logprobs)
+    for rank, i in enumerate(order):
+        ranks[i] = rank
+    return ranks, [1.0 - beta * r / len(logprobs) for r in ranks]
 
 
 class Unlikeliness:
@@ -167,10 +188,8 @@ class Unlikeliness:
                     )
                     continue
                 ranked.append((lp, i, score))
-            ranked.sort()  # ascending log-prob, ties by batch index: rank 0 = least likely
-            g = len(ranked)
-            for rank, (lp, i, score) in enumerate(ranked):
-                factor = 1.0 - self.beta * rank / g
+            ranks, factors = unlikeliness_factors([lp for lp, _, _ in ranked], self.beta)
+            for (lp, i, score), rank, factor in zip(ranked, ranks, factors, strict=True):
                 comps = _inner_parts(n, inner[i])
                 comps.update(rank=float(rank), factor=factor, logprob=lp)
                 out[i] = RewardResult(score * factor, components=comps, info={CHILDREN: {n: inner[i]}})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -28,7 +28,7 @@ from treeward.search.core import (
 )
 from treeward.tree import Node, Problem, Tree
 
-__all__ = ["BeamPool", "beam_rounds", "beam_search"]
+__all__ = ["BeamPool", "KeepRule", "beam_rounds", "beam_search", "keep_best"]
 
 
 @dataclass
@@ -48,6 +48,18 @@ class BeamPool:
     tag: dict[str, Any] = field(default_factory=dict)
 
 
+KeepRule = Callable[[Tree, BeamPool, Sequence[Node]], list[Node]]
+"""``keep(tree, pool, candidates) -> kept``: which of a pool's scored candidates of this round it keeps, best first
+(the terminal ones among them finish, the others are the next live beams)."""
+
+
+def keep_best(tree: Tree, pool: BeamPool, candidates: Sequence[Node]) -> list[Node]:
+    """Beam search's rule: the best ``width − len(finished)`` candidates by :func:`path_key` (a finished path keeps
+    its slot for good)."""
+    ranked = sorted(candidates, key=partial(path_key, tree), reverse=True)
+    return ranked[: pool.width - len(pool.finished)]
+
+
 def beam_rounds(
     policy: Policy,
     scorer: Reward,
@@ -62,15 +74,17 @@ def beam_rounds(
     max_depth: int,
     seed: int,
     answer_fn: AnswerFn,
+    keep: KeepRule = keep_best,
 ) -> None:
     """Run beam rounds over every pool of every problem until no pool has a live beam, or ``max_depth`` rounds.
 
     A round: every live beam samples ``expansions`` one-step candidates (one batched engine call for all pools of
-    all problems; pools of one problem that share a node, such as DVTS subtrees at the root, share one request
-    and split its samples in order); with ``lookahead = k`` each non-terminal candidate is rolled forward up to
-    ``k`` greedy steps (one engine call per step) and takes the score of the extended path; the paths are scored
-    in one batch; each pool keeps its best ``width − len(finished)`` candidates by :func:`path_key`, moving the
-    terminal ones to ``finished``.
+    all problems; pools of one problem that share a node, such as DVTS subtrees at the root, get different
+    samples of it, as :func:`~treeward.search.core.expand` draws them); with ``lookahead = k`` each non-terminal
+    candidate is rolled forward up to ``k`` greedy steps (one engine call per step) and takes the score of the
+    extended path; the paths are scored in one batch; each pool keeps the candidates ``keep`` picks (default
+    :func:`keep_best`: its best ``width − len(finished)`` by :func:`path_key`), moving the terminal ones to
+    ``finished``.
 
     Budget: a candidate reserves ``max_step_tokens × (1 + lookahead)`` tokens; when a problem cannot pay for all
     its beams' candidates, its pools are served in order and each pool's beams best first, the last served beam
@@ -81,19 +95,20 @@ def beam_rounds(
     for p in pools:
         by_tree[p.tree].append(p)
     for depth in range(max_depth):
-        plan: list[tuple[BeamPool, Node, int]] = []
+        plan: list[tuple[BeamPool, Request]] = []
         with policy.ledger.timed("select"):
             for i, mine in sorted(by_tree.items()):
                 wanted = [(p, node) for p in mine for node in p.live]
                 rows = budgets[i].affordable(len(wanted) * expansions, cost)
                 served = -(-rows // expansions)
                 for j, (p, node) in enumerate(wanted[:served]):
-                    plan.append((p, node, min(expansions, rows - j * expansions)))
+                    n = min(expansions, rows - j * expansions)
+                    plan.append((p, Request(i, node.id, n, max_step_tokens)))
                 left = served
                 for p in mine:  # beams the budget cannot serve leave the search
                     p.live = p.live[: max(0, left)]
                     left -= len(p.live)
-            requests, slices = _merge(plan, max_step_tokens)
+        requests = [r for _, r in plan]
         if not requests:
             break
         new = expand(
@@ -108,14 +123,14 @@ def beam_rounds(
         )
         cands: dict[int, list[Node]] = defaultdict(list)  # id(pool) -> its candidates this round
         refs: list[tuple[int, Node]] = []
-        for (p, _, _), (r, lo, hi) in zip(plan, slices, strict=True):
-            for c in new[r][lo:hi]:
+        for (p, _), nodes in zip(plan, new, strict=True):
+            for c in nodes:
                 c.metadata.update(p.tag)
                 cands[id(p)].append(c)
                 refs.append((p.tree, c))
         tips = _roll_out(policy, trees, budgets, refs, lookahead, max_step_tokens, seed, answer_fn, depth)
         with policy.ledger.timed("score"):
-            score_paths(scorer, trees, tips)
+            score_paths(scorer, trees, tips, ledger=policy.ledger)
         for (_, cand), (_, tip) in zip(refs, tips, strict=True):
             if tip is not cand:  # the candidate is judged by its rolled-out path
                 cand.value, cand.status = tip.value, tip.status
@@ -125,30 +140,10 @@ def beam_rounds(
                 mine_c = cands.get(id(p), [])
                 if not mine_c:
                     continue
-                kept = sorted(mine_c, key=partial(path_key, trees[p.tree]), reverse=True)
-                kept = kept[: p.width - len(p.finished)]  # finished beams leave the pool for good
+                kept = keep(trees[p.tree], p, mine_c)
                 p.finished.extend(c for c in kept if c.terminal)
                 p.live = [c for c in kept if not c.terminal]
                 p.last = mine_c
-
-
-def _merge(
-    plan: Sequence[tuple[BeamPool, Node, int]], max_step_tokens: int
-) -> tuple[list[Request], list[tuple[int, int, int]]]:
-    """One request per (problem, node); each plan entry gets (request index, first sample, end) of its samples."""
-    requests: list[Request] = []
-    index: dict[tuple[int, int], int] = {}
-    slices = []
-    for p, node, n in plan:
-        key = (p.tree, node.id)
-        if key not in index:
-            index[key] = len(requests)
-            requests.append(Request(p.tree, node.id, 0, max_step_tokens))
-        r = index[key]
-        start = requests[r].n
-        requests[r] = Request(p.tree, node.id, start + n, max_step_tokens)
-        slices.append((r, start, start + n))
-    return requests, slices
 
 
 def _roll_out(

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from treeward.engine.base import Continuation, Counts, Policy
+from treeward.engine.base import Continuation, Counts, Ledger, Policy
 from treeward.rewards.base import Reward, RewardResult, Sample, Status
 from treeward.tree import Node, Problem, Tree
 
@@ -40,6 +40,7 @@ __all__ = [
     "path_key",
     "path_sample",
     "score_paths",
+    "scored_tokens",
     "snapshot",
     "weighted_vote",
 ]
@@ -91,12 +92,16 @@ def check_budget(budget: int, cap: int, unit: str) -> None:
 
 @dataclass(frozen=True)
 class Request:
-    """Expand node ``node`` of tree ``tree`` with ``n`` samples of at most ``max_new_tokens`` tokens each."""
+    """Expand node ``node`` of tree ``tree`` with ``n`` samples of at most ``max_new_tokens`` tokens each.
+
+    ``salt`` keys the draws (see :func:`expand`); ``None`` takes the ``salt`` of the :func:`expand` call.
+    """
 
     tree: int
     node: int
     n: int
     max_new_tokens: int
+    salt: int | None = None
 
 
 def node_seed(seed: int, problem_id: str, node_id: int, salt: int = 0) -> int:
@@ -155,6 +160,13 @@ def expand(
     best-of-N samples them) a continuation is cut into a chain of step nodes at newline tokens, and the returned
     list holds the *last* node of each chain. The last node of a chain is terminal when it ended at EOS, was cut
     by the token cap, or contains an answer; its ``answer`` is ``answer_fn`` of that last node's text.
+
+    Draws: sample ``j`` of a request is the ``k``-th draw of (its node, its salt), seeded by
+    :func:`node_seed` ``(seed, problem, node, salt·1000003 + k)``, where ``k = j`` plus the samples that earlier
+    requests of the same call asked of the same node with the same salt. So two requests for one node in one call
+    draw different samples (the same ones as one request for both), a node's draws never depend on other nodes
+    or problems in the batch, and a search that expands a node again in a later round gives that round its own
+    salt (e.g. the round number) to draw new samples.
     """
     if not requests:
         return []
@@ -209,17 +221,20 @@ def _sample(
     stop: str | None,
     salt: int,
 ) -> list[list[Continuation]]:
-    """One engine call for all requests. Sample j of a node is drawn with its own seed as a separate row (the
-    engine shares the prefix's KV between the rows), so a node's samples never depend on what else is in the
-    batch, nor on how many samples other nodes asked for."""
+    """One engine call for all requests. Each sample is drawn with its own seed as a separate row (the engine
+    shares the prefix's KV between the rows); seeds as :func:`expand` says."""
     prefixes, caps, seeds, groups = [], [], [], []
+    drawn: dict[tuple[int, int, int], int] = defaultdict(int)  # (tree, node, salt) -> draws so far this call
     for r in requests:
         t = trees[r.tree]
         prefix = t.prefix_ids(r.node)
+        s = salt if r.salt is None else r.salt
+        first = drawn[r.tree, r.node, s]
+        drawn[r.tree, r.node, s] += r.n
         for j in range(r.n):
             prefixes.append(prefix)
             caps.append(r.max_new_tokens)
-            seeds.append(node_seed(seed, t.problem.id, r.node, salt * 1_000_003 + j))
+            seeds.append(node_seed(seed, t.problem.id, r.node, s * 1_000_003 + first + j))
             groups.append(t.problem.id)
     flat = policy.expand(
         prefixes, n=1, max_new_tokens=caps, temperature=temperature, stop=stop, seeds=seeds, groups=groups
@@ -245,7 +260,8 @@ def expand_and_score(
     salt: int = 0,
 ) -> list[list[Node]]:
     """:func:`expand` the requests in one engine call, then score every new node's path in one scorer call (timed
-    as the "score" phase); returns the new nodes per request, as :func:`expand` does."""
+    as the "score" phase, its scorer tokens booked in the policy's ledger); returns the new nodes per request, as
+    :func:`expand` does."""
     new = expand(
         policy,
         trees,
@@ -259,7 +275,10 @@ def expand_and_score(
     )
     with policy.ledger.timed("score"):
         score_paths(
-            scorer, trees, [(r.tree, c) for r, nodes in zip(requests, new, strict=True) for c in nodes]
+            scorer,
+            trees,
+            [(r.tree, c) for r, nodes in zip(requests, new, strict=True) for c in nodes],
+            ledger=policy.ledger,
         )
     return new
 
@@ -289,29 +308,67 @@ def path_sample(tree: Tree, node: Node) -> Sample:
     )
 
 
-def grade(trees: Sequence[Tree], outcome: Reward) -> None:
+def scored_tokens(result: RewardResult) -> int:
+    """Tokens a model-based scorer computed for one result: its ``info["scored_tokens"]``, 0 when absent.
+
+    The contract for model-based rewards: put the number of tokens the scoring model ran (prefill and decode) for
+    this sample in ``info["scored_tokens"]`` as a non-negative ``int``; anything else is a :class:`ValueError`.
+    """
+    n = result.info.get("scored_tokens", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f'info["scored_tokens"] must be a non-negative int, got {n!r}')
+    return n
+
+
+def _book_scored(ledger: Ledger, groups: Sequence[str], results: Sequence[RewardResult]) -> None:
+    """Book each result's :func:`scored_tokens` to its group (the problem id), one booking per group. Every
+    result is checked before anything is booked."""
+    per_group: dict[str, int] = defaultdict(int)
+    for g, res in zip(groups, results, strict=True):
+        per_group[g] += scored_tokens(res)
+    for g, n in per_group.items():
+        if n:
+            ledger.book(g, scored=n)
+
+
+def grade(trees: Sequence[Tree], outcome: Reward, *, ledger: Ledger | None = None) -> None:
     """Write ``outcome`` (e.g. an exact-answer check against the reference) on every terminal node.
 
     Evaluation, not search: searches never see references. A failed check leaves ``outcome`` at ``None`` and
-    records the reward's status in the node's ``metadata["outcome_status"]``.
+    records the reward's status in the node's ``metadata["outcome_status"]``. With a ``ledger``, the tokens a
+    model-based ``outcome`` reports (:func:`scored_tokens`) are booked per problem as ``scored``; by default they
+    are not, since grading is not part of the search's compute.
     """
     refs = [(t, n) for t in trees for n in t.terminals()]
     if not refs:
         return
     results = outcome([path_sample(t, n) for t, n in refs])
+    if ledger is not None:
+        _book_scored(ledger, [t.problem.id for t, _ in refs], results)
     for (_, n), res in zip(refs, results, strict=True):
         n.outcome = res.score
         if res.status != Status.OK:
             n.metadata["outcome_status"] = res.status.value
 
 
-def score_paths(scorer: Reward, trees: Sequence[Tree], refs: Sequence[tuple[int, Node]]) -> None:
+def score_paths(
+    scorer: Reward,
+    trees: Sequence[Tree],
+    refs: Sequence[tuple[int, Node]],
+    *,
+    ledger: Ledger | None = None,
+) -> None:
     """Score the paths ending at ``refs`` (tree index, node) in one batch and write the results on the nodes.
 
     The path's ``score`` becomes the end node's ``value``; each ``step_scores[i]`` becomes the ``reward`` of the
     path's i-th step node when that node has none yet. A missing score is recorded as the node's ``status``; a
     scorer that raises marks the whole batch ``exec_error`` (with the error in ``metadata``) instead of ending the
     search, and a scorer whose ``step_scores`` do not match the steps marks the node ``parse_error``.
+
+    With a ``ledger`` (searches pass their policy's), the tokens a model-based scorer reports per result
+    (:func:`scored_tokens`) are booked as ``scored``, summed per problem. A result whose ``info["scored_tokens"]``
+    is not a non-negative int breaks the scorer's contract: the batch is handled as a scorer that raised (nothing
+    is booked).
     """
     if not refs:
         return
@@ -320,6 +377,8 @@ def score_paths(scorer: Reward, trees: Sequence[Tree], refs: Sequence[tuple[int,
         results: list[RewardResult] = scorer(samples)
         if len(results) != len(samples):
             raise ValueError(f"scorer returned {len(results)} results for {len(samples)} samples")
+        if ledger is not None:
+            _book_scored(ledger, [trees[ti].problem.id for ti, _ in refs], results)
     except Exception as e:  # a failing scorer is recorded on the nodes, the search goes on
         warnings.warn(
             f"scorer {getattr(scorer, 'name', scorer)!r} failed: {e!r}", RuntimeWarning, stacklevel=2
@@ -396,6 +455,7 @@ def finish(
             "computed": now.computed - b.computed,
             "reused": now.reused - b.reused,
             "calls": now.calls - b.calls,
+            "scored": now.scored - b.scored,
         }
     return list(trees)
 
@@ -405,5 +465,5 @@ def snapshot(policy: Policy, trees: Sequence[Tree]) -> list[Counts]:
     out = []
     for t in trees:
         g = policy.ledger.group(t.problem.id)
-        out.append(Counts(g.generated, g.computed, g.reused, g.calls))
+        out.append(Counts(g.generated, g.computed, g.reused, g.calls, g.scored))
     return out

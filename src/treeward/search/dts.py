@@ -10,7 +10,8 @@ after it. One iteration of DTS, for every live problem at once:
    remaining steps are appended below it as a chain, ending at a terminal node;
 3. **score**: the scorer's score of the completed path is the terminal reward r (one batched scorer call);
 4. **backup**: the terminal's value is r; every ancestor's soft value is recomputed from its children with
-   :class:`uniform_soft_backup`, and its visit count grows by one.
+   :class:`~treeward.search.ops.soft_backup` with :func:`~treeward.search.ops.uniform_weights` (the paper's
+   uniform average over the children), and its visit count grows by one.
 
 A descent that ends at an existing terminal node costs no tokens: its reward is backed up again (in the paper a
 selection that reaches ``x_0`` is a finished sample too).
@@ -41,7 +42,7 @@ from treeward.search.core import (
     score_paths,
     snapshot,
 )
-from treeward.search.ops import backup
+from treeward.search.ops import backup, soft_backup, uniform_weights
 from treeward.tree import Node, Problem, Tree
 
 __all__ = [
@@ -51,41 +52,10 @@ __all__ = [
     "dts_star",
     "greedy_child",
     "tilted_probabilities",
-    "uniform_soft_backup",
 ]
 
 SelectChild = Callable[[Tree, Sequence[Node], float, np.random.Generator], Node]
 """``select(tree, children, λ, rng) -> child``: how a DTS descent picks among a node's existing children."""
-
-
-# ---------------------------------------------------------------------- the paper's backup (generic primitive)
-class uniform_soft_backup:
-    """The soft Bellman backup of DTS (Jain et al. 2025): ``v̂(s) = λ⁻¹ log (1/|C|) Σ_{c ∈ C} exp(λ v̂(c))`` over
-    the children ``C`` of ``s`` that carry a value, and the leaf value at a leaf.
-
-    It differs from :class:`treeward.search.ops.soft_backup`, which weights child ``c`` by ``N(c) / Σ N``. The
-    children of a DTS node are i.i.d. draws from the policy, so the uniform average over them is the Monte Carlo
-    estimate of ``E_{p(c|s)}[exp(λ V(c))]`` in the soft Bellman equation. Visit counts are not draws from the policy:
-    DTS visits a child with probability ∝ exp(λ v̂(c)), so weighting by visits tilts the average a second time and
-    overestimates ``V(s)`` (for two children with values 0 and 1 and λ = 1 visited in the ratio 1 : e, the visit
-    weights give ``log((1 + e²)/(1 + e)) = 0.81`` instead of the uniform ``log((1 + e)/2) = 0.62``).
-
-    Generic primitive (a :data:`~treeward.search.ops.BackupRule`): a candidate for ``ops``.
-    """
-
-    def __init__(self, inverse_temperature: float = 1.0) -> None:
-        if inverse_temperature <= 0:
-            raise ValueError(f"inverse_temperature must be > 0, got {inverse_temperature}")
-        self.lam = inverse_temperature
-        self.__name__ = f"uniform_soft_backup(λ={inverse_temperature:g})"
-
-    def __call__(self, tree: Tree, node: Node, leaf_value: float) -> float:
-        vals = [k.value for k in tree.children(node.id) if k.value is not None]
-        if not vals:
-            return leaf_value
-        v = self.lam * np.asarray(vals, dtype=float)
-        m = float(v.max())
-        return (m + math.log(float(np.mean(np.exp(v - m))))) / self.lam
 
 
 # ---------------------------------------------------------------------- selection rules
@@ -199,7 +169,7 @@ def _diffusion_tree_search(
     trees = init_trees(problems, policy, algorithm)
     budgets = [Budget(budget) for _ in trees]
     before = snapshot(policy, trees)
-    rule = uniform_soft_backup(inverse_temperature)
+    rule = soft_backup(inverse_temperature, weights=uniform_weights)
     rngs = [np.random.default_rng(node_seed(seed, t.problem.id, 0, salt=0xD75)) for t in trees]
     live = [True] * len(trees)
     rollouts = [0] * len(trees)  # rollouts that generated tokens
@@ -235,7 +205,7 @@ def _diffusion_tree_search(
         )
         leaves = [(r.tree, nodes[0]) for r, nodes in zip(requests, new, strict=True)]
         with policy.ledger.timed("score"):
-            score_paths(scorer, trees, leaves)
+            score_paths(scorer, trees, leaves, ledger=policy.ledger)
         with policy.ledger.timed("select"):
             for i, leaf in leaves:
                 rollouts[i] += 1
@@ -293,8 +263,8 @@ def dts(
     docstring): the descent samples children ∝ exp(λ v̂) (:func:`boltzmann_child`), a node takes a new child while it
     has fewer than ``⌈max_children · N^widening⌉`` (the paper's cap on children; ``widening`` > 0 is progressive
     widening, which the exactness of the sample needs as the number of iterations grows), values are backed up with
-    :class:`uniform_soft_backup`. The search of a problem ends after ``max_rollouts`` iterations or when the budget
-    cannot pay for one more rollout of ``max_tokens`` tokens.
+    :class:`~treeward.search.ops.soft_backup` over uniform weights (the paper's backup). The search of a problem ends
+    after ``max_rollouts`` iterations or when the budget cannot pay for one more rollout of ``max_tokens`` tokens.
 
     The answer, by default, is :class:`TiltedDraw`: one path drawn from the final tree with the final soft values,
     the paper's way of producing a sample (the rollouts themselves are draws from a sampler that is still learning
@@ -349,8 +319,9 @@ def dts_star(
     Identical to :func:`dts` except for the selection rule, as in the paper: the descent takes the child of highest
     soft value (:func:`greedy_child`) instead of sampling. Exploration comes from the children cap: a node keeps
     taking new children (new rollouts) until it has ``⌈max_children · N^widening⌉``. Values are still backed up
-    softly (:class:`uniform_soft_backup`), which keeps one lucky high reward from dominating a subtree the way a max
-    backup would. The answer is the highest-reward terminal found (``aggregate=best_score``).
+    softly (:class:`~treeward.search.ops.soft_backup`, uniform weights), which keeps one lucky high reward from
+    dominating a subtree the way a max backup would. The answer is the highest-reward terminal found
+    (``aggregate=best_score``).
 
     Departures: as for :func:`dts`; in addition, ties between equal soft values (frequent with a 0/1 verifier) go to
     the less visited child, which the paper does not specify.

@@ -3,8 +3,8 @@
 Both algorithms are one loop, :func:`_search`, run with different *phases* (mctx's shape: a search function of
 callbacks). A simulation round does, for every live problem at once:
 
-1. **select**: walk from the root with the tree policy (``select(tree, node)``) to a node with no selectable
-   children (never expanded, or every sample it got was pruned or a duplicate);
+1. **select**: walk from the root with the tree policy (``select(tree, node, children=...)``) to a node with no
+   :func:`selectable` children (never expanded, or every sample it got was pruned or a duplicate);
 2. **expand**: give that node ``expansions`` one-step children, in ONE engine call covering every problem's leaf
    (a terminal leaf is not expanded again: it is backed up again);
 3. **score and evaluate**: score the new paths in one scorer call, then give each new child a value (its path
@@ -20,7 +20,8 @@ that can be the answer), ``metadata["duplicate_of"]`` (the same tokens as a sibl
 (a dead end).
 
 Generic primitives defined here and not (yet) in :mod:`~treeward.search.ops` / ``core``: :func:`best_value` (an
-answer rule), :func:`mcts_star_select`, :func:`visit_weighted_backup`, :func:`quality_value`.
+answer rule), :func:`mcts_star_select`, :func:`visit_weighted_backup`, :func:`quality_value`, :func:`selectable`
+(the children the tree policy may select).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from treeward.credit.values import quality_step
 from treeward.engine.base import Policy
 from treeward.rewards.base import Reward
 from treeward.search.core import (
@@ -49,7 +51,7 @@ from treeward.search.core import (
     score_paths,
     snapshot,
 )
-from treeward.search.ops import BackupRule, backup, dedupe_exact, mean_backup, uct_select
+from treeward.search.ops import BackupRule, backup, choices, dedupe_exact, mean_backup, uct_select
 from treeward.tree import Node, Problem, Tree
 
 __all__ = [
@@ -58,11 +60,13 @@ __all__ = [
     "mcts_star",
     "mcts_star_select",
     "quality_value",
+    "selectable",
     "visit_weighted_backup",
 ]
 
 SelectFn = Callable[..., Node]
-"""``select(tree, node, *, c, ...) -> child``: a tree policy from :mod:`~treeward.search.ops` (or a partial)."""
+"""``select(tree, node, *, c, children, ...) -> child``: a tree policy from :mod:`~treeward.search.ops` (or a
+partial). The search passes ``children``, the children the tree policy may select (see :func:`selectable`)."""
 
 
 # ---------------------------------------------------------------------- generic primitives (candidates for ops/core)
@@ -79,17 +83,22 @@ def best_value(tree: Tree, candidates: Sequence[Node]) -> Node | None:
     return max(answered, key=key, default=None)
 
 
-def mcts_star_select(tree: Tree, node: Node, *, c: float = 0.4, unvisited_bonus: float = 0.8) -> Node:
+def mcts_star_select(
+    tree: Tree,
+    node: Node,
+    *,
+    c: float = 0.4,
+    unvisited_bonus: float = 0.8,
+    children: Sequence[Node] | None = None,
+) -> Node:
     """The UCB of ReST-MCTS*'s MCTS* (Zhang et al. 2024; their released ``getBestChild``): argmax over children of
     ``V + c·sqrt(2 ln N(parent) / N(child))`` for visited children and ``V + unvisited_bonus`` for unvisited ones.
 
     Unlike :func:`~treeward.search.ops.uct_select`, an unvisited child is not always first: its bonus is finite, so
     a visited child whose value is high enough wins. ``V`` of an unvalued child is 0 (the paper's lower bound).
-    Ties go to the first child.
+    Ties go to the first child. ``children`` restricts the choice (:func:`~treeward.search.ops.choices`).
     """
-    kids = tree.children(node.id)
-    if not kids:
-        raise ValueError(f"node {node.id} has no children to select from")
+    kids = choices(tree, node, children)
     log_n = math.log(max(1, node.visits))
     scores = [
         (0.0 if k.value is None else k.value)
@@ -108,12 +117,6 @@ def visit_weighted_backup(tree: Tree, node: Node, leaf_value: float) -> float:
     return math.fsum(k.visits * (k.value or 0.0) for k in kids) / sum(k.visits for k in kids)
 
 
-def _quality_step(prev: float, reward: float, distance: int) -> float:
-    """One step of ReST-MCTS*'s quality value: ``max(v + (1 - v)(2r - 1)/(m + 1), 0)``."""
-    r = min(1.0, max(0.0, reward))
-    return max(prev + (1.0 - prev) * (2.0 * r - 1.0) / (distance + 1), 0.0)
-
-
 def quality_value(rewards: Sequence[float], distances: Sequence[int]) -> list[float]:
     """ReST-MCTS*'s quality values ``v_1..v_K`` of a path's prefixes (Zhang et al. 2024, eqs. 1–2):
 
@@ -129,25 +132,21 @@ def quality_value(rewards: Sequence[float], distances: Sequence[int]) -> list[fl
     for r, m in zip(rewards, distances, strict=True):
         if m < 0:
             raise ValueError(f"reasoning distances must be ≥ 0, got {m}")
-        v = _quality_step(v, r, m)
+        v = quality_step(v, r, m)
         out.append(v)
     return out
 
 
 # ---------------------------------------------------------------------- the shared loop
-class _PolicyView(Tree):
-    """The tree as the tree policy sees it: the same nodes, with rollout nodes, duplicate siblings and pruned
-    steps left out of ``children`` (so that :mod:`~treeward.search.ops`' selection rules, which read
-    ``children``, never pick them)."""
-
-    def children(self, node_id: int) -> list[Node]:
-        nodes = self.nodes
-        return [nodes[c] for c in nodes[node_id].children if not _hidden(nodes[c])]
-
-
 def _hidden(node: Node) -> bool:
     meta = node.metadata
     return bool(meta.get("rollout") or meta.get("pruned")) or "duplicate_of" in meta
+
+
+def selectable(tree: Tree, node: Node) -> list[Node]:
+    """The children of ``node`` the tree policy may select: all but rollout nodes, duplicate siblings and pruned
+    steps. The searches pass them to the selection rule as its ``children``."""
+    return [k for k in tree.children(node.id) if not _hidden(k)]
 
 
 @dataclass(frozen=True)
@@ -174,7 +173,7 @@ Update = Callable[[Tree, Node, list[Node]], None]
 
 @dataclass(frozen=True)
 class _Phases:
-    select: Callable[[Tree, Node], Node]
+    select: SelectFn  # called as select(tree, node, children=...)
     evaluate: Evaluate
     update: Update
     reserve: Callable[[int], int]  # generated tokens a round that expands one leaf into m children may cost
@@ -205,25 +204,26 @@ def _prune(kids: list[Node], prune_below: float | None) -> None:
             k.metadata["pruned"] = True
 
 
-def _descend(view: Tree, select: Callable[[Tree, Node], Node]) -> Node:
-    """Walk down with the tree policy to a node with no (visible) children. A node whose samples were all pruned
-    or duplicates has none, so it is expanded again: the search widens where every sampled step was a dead end."""
-    node = view.root
-    while not node.terminal and view.children(node.id):
-        node = select(view, node)
+def _descend(tree: Tree, select: SelectFn) -> Node:
+    """Walk down with the tree policy to a node with no :func:`selectable` children. A node whose samples were all
+    pruned or duplicates has none, so it is expanded again: the search widens where every sampled step was a dead
+    end."""
+    node = tree.root
+    while not node.terminal and (kids := selectable(tree, node)):
+        node = select(tree, node, children=kids)
     return node
 
 
-def _dedupe(view: Tree, leaf: int, kids: list[Node]) -> tuple[list[Node], list[Node]]:
+def _dedupe(tree: Tree, leaf: int, kids: list[Node]) -> tuple[list[Node], list[Node]]:
     """Split new children into fresh steps and duplicates of a sibling (same tokens; :func:`dedupe_exact`).
 
     A duplicate is marked ``metadata["duplicate_of"]`` and hidden from the tree policy. Returns the fresh children
     and, for the backup, the distinct steps the new samples stand for (fresh ones and the siblings they repeat).
     """
     new_ids = {k.id for k in kids}
-    older = [  # earlier distinct steps of this leaf, pruned ones included (not the view's children)
+    older = [  # earlier distinct steps of this leaf, pruned ones included (not only the selectable ones)
         n
-        for n in (view.nodes[c] for c in view.nodes[leaf].children)
+        for n in tree.children(leaf)
         if n.id not in new_ids and not n.metadata.get("rollout") and "duplicate_of" not in n.metadata
     ]
     kept = dedupe_exact(older + kids)
@@ -254,7 +254,7 @@ def _copy_evaluation(tree: Tree, dups: list[Node]) -> None:
 def _score(ctx: _Ctx, refs: list[tuple[int, Node]]) -> None:
     """Score paths in one batch; keep the scorer's path score in ``metadata["score"]``."""
     with ctx.policy.ledger.timed("score"):
-        score_paths(ctx.scorer, ctx.trees, refs)
+        score_paths(ctx.scorer, ctx.trees, refs, ledger=ctx.policy.ledger)
     for _, node in refs:
         node.metadata["score"] = node.value
 
@@ -306,7 +306,6 @@ def _search(
     check_budget(budget, phases.reserve(1), "expansion")
     trees = init_trees(problems, policy, algorithm)
     budgets = [Budget(budget) for _ in trees]
-    views = [_PolicyView(problem=t.problem, nodes=t.nodes) for t in trees]  # shares the node list
     ctx = _Ctx(policy, scorer, trees, budgets, temperature, seed, answer_fn, max_step_tokens, max_depth)
     before = snapshot(policy, trees)
     rounds = [0] * len(trees)
@@ -324,7 +323,7 @@ def _search(
                 if rounds[i] >= simulations or width == 0 or phases.done(trees[i]):
                     continue
                 still.append(i)
-                leaf = _descend(views[i], phases.select)
+                leaf = _descend(trees[i], phases.select)
                 if leaf.terminal or leaf.depth >= max_depth:
                     revisits.append((i, leaf))
                 else:
@@ -345,7 +344,7 @@ def _search(
         fresh, stands_for = [], []
         with policy.ledger.timed("select"):
             for r, kids in zip(requests, new, strict=True):
-                f, s = _dedupe(views[r.tree], r.node, kids) if dedupe else (kids, kids)
+                f, s = _dedupe(trees[r.tree], r.node, kids) if dedupe else (kids, kids)
                 fresh.append(f)
                 stands_for.append(s)
         _score(ctx, [(r.tree, c) for r, kids in zip(requests, fresh, strict=True) for c in kids])
@@ -479,8 +478,9 @@ def mcts(
     e.g. rStar-Math, Guan et al. 2025), with a process scorer as the evaluation.
 
     Each round, every live problem selects one leaf with ``select`` (``uct_select``, or
-    ``functools.partial(puct_select, ...)``; ``c`` is passed to it), gives it ``expansions`` one-step children
-    in one engine call shared by all problems, and scores them in one scorer call. A child's value is its path
+    ``functools.partial(puct_select, ...)``; ``c`` and the :func:`selectable` ``children`` are passed to it),
+    gives it ``expansions`` one-step children in one engine call shared by all problems, and scores them in one
+    scorer call. A child's value is its path
     score; with ``rollouts=k > 0`` it is the mean score of ``k`` whole completions sampled from it (up to
     ``rollout_tokens`` each; they stay in the tree, marked ``metadata["rollout"]``, count against the budget and
     can be the answer). The round then backs up once, from the leaf to the root, with ``backup_rule`` (default
@@ -571,7 +571,7 @@ def _quality_eval(tree: Tree, node: Node, max_depth: int) -> float | None:
     parent = tree.nodes[node.parent] if node.parent is not None else None
     prev = 0.0 if parent is None or parent.parent is None else parent.metadata.get("eval")
     distance = 0 if node.terminal else max(1, max_depth - node.depth)
-    return _quality_step(0.0 if prev is None else float(prev), float(score), distance)
+    return quality_step(0.0 if prev is None else float(prev), float(score), distance)
 
 
 def _evaluate_star(

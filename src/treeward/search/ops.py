@@ -4,6 +4,10 @@ Each is a small pure function over node statistics (``visits``, ``value``, ``log
 ``qtransforms`` and action-selection functions: algorithms bind them with keyword arguments or
 ``functools.partial`` instead of re-implementing them.
 
+Selection rules take ``(tree, node, *, knobs..., children=None)`` and return one child; ``children`` is the explicit
+set to choose among (a tree policy that must not pick some children, such as MCTS's rollout, duplicate and pruned
+nodes, passes the others), every child of ``node`` by default.
+
 Conventions: ``node.visits`` is N(s), ``node.value`` is the search's current value estimate V(s) (``None`` until
 evaluated). Backups walk from a leaf to the root, updating every node on the path.
 """
@@ -19,8 +23,10 @@ from treeward.tree import Node, Tree
 
 __all__ = [
     "BackupRule",
+    "ChildWeights",
     "allocate_widths",
     "backup",
+    "choices",
     "dedupe_exact",
     "max_backup",
     "mean_backup",
@@ -29,19 +35,35 @@ __all__ = [
     "sibling_priors",
     "soft_backup",
     "uct_select",
+    "uniform_weights",
+    "visit_weights",
 ]
 
 
 # ---------------------------------------------------------------------- selection
-def uct_select(tree: Tree, node: Node, *, c: float = math.sqrt(2), default_q: float = 0.0) -> Node:
+def choices(tree: Tree, node: Node, children: Sequence[Node] | None) -> Sequence[Node]:
+    """The children a selection rule chooses among: ``children`` when the caller passes them (a search that hides
+    some children from its tree policy passes the ones it may select), else every child of ``node``."""
+    kids = tree.children(node.id) if children is None else children
+    if not kids:
+        raise ValueError(f"node {node.id} has no children to select from")
+    return kids
+
+
+def uct_select(
+    tree: Tree,
+    node: Node,
+    *,
+    c: float = math.sqrt(2),
+    default_q: float = 0.0,
+    children: Sequence[Node] | None = None,
+) -> Node:
     """UCT (Kocsis & Szepesvári 2006): argmax over children of ``Q + c·sqrt(ln N(parent) / N(child))``.
 
     Unvisited children come first (in order). ``Q`` of an unevaluated child is ``default_q``. Ties go to the first
-    child, so selection is deterministic.
+    child, so selection is deterministic. ``children`` restricts the choice (see :func:`choices`).
     """
-    kids = tree.children(node.id)
-    if not kids:
-        raise ValueError(f"node {node.id} has no children to select from")
+    kids = choices(tree, node, children)
     for k in kids:
         if k.visits == 0:
             return k
@@ -67,16 +89,22 @@ def sibling_priors(tree: Tree, nodes: Sequence[Node], *, temperature: float = 1.
 
 
 def puct_select(
-    tree: Tree, node: Node, *, c: float = 1.0, priors: Sequence[float] | None = None, default_q: float = 0.0
+    tree: Tree,
+    node: Node,
+    *,
+    c: float = 1.0,
+    priors: Sequence[float] | None = None,
+    default_q: float = 0.0,
+    children: Sequence[Node] | None = None,
 ) -> Node:
     """PUCT (Silver et al. 2017, as in AlphaZero / rStar-Math): argmax of
-    ``Q + c·P·sqrt(N(parent)) / (1 + N(child))``, with priors ``P`` from :func:`sibling_priors` unless given.
+    ``Q + c·P·sqrt(N(parent)) / (1 + N(child))``, with priors ``P`` from :func:`sibling_priors` (over the children
+    chosen among) unless given.
 
-    Ties go to the first child. With every child unvisited the prior decides.
+    Ties go to the first child. With every child unvisited the prior decides. ``children`` restricts the choice
+    (see :func:`choices`); ``priors``, when given, are aligned with the children chosen among.
     """
-    kids = tree.children(node.id)
-    if not kids:
-        raise ValueError(f"node {node.id} has no children to select from")
+    kids = choices(tree, node, children)
     p = np.asarray(priors if priors is not None else sibling_priors(tree, kids), dtype=float)
     q = np.array([default_q if k.value is None else k.value for k in kids], dtype=float)
     n = np.array([k.visits for k in kids], dtype=float)
@@ -119,28 +147,56 @@ def max_backup(tree: Tree, node: Node, leaf_value: float) -> float:
     return leaf_value if node.value is None or node.visits == 0 else max(node.value, leaf_value)
 
 
+ChildWeights = Callable[[Sequence[Node]], np.ndarray]
+"""``weights(children) -> [len(children)]`` non-negative weights of the children in a soft backup's average."""
+
+
+def visit_weights(children: Sequence[Node]) -> np.ndarray:
+    """Weight ``N(c)``: the children's visit counts (the average becomes a visit-weighted one)."""
+    return np.array([k.visits for k in children], dtype=float)
+
+
+def uniform_weights(children: Sequence[Node]) -> np.ndarray:
+    """Weight 1 per child: the plain average over the children, whatever their visits."""
+    return np.ones(len(children))
+
+
 class soft_backup:
     """Soft (log-sum-exp) value backup of Diffusion Tree Sampling (Jain et al. 2025):
-    ``V(s) = λ⁻¹ log Σ_c (N(c)/Σ N) exp(λ V(c))`` over the visited children, and the leaf value at a leaf.
+    ``V(s) = λ⁻¹ log Σ_c w(c) exp(λ V(c)) / Σ_c w(c)`` over the visited children ``c`` of ``s`` that carry a value,
+    and the leaf value at a node without such children.
 
-    ``λ`` (``inverse_temperature``) → ∞ gives max backup, → 0 the visit-weighted mean. The leaf's own value is
-    ``leaf_value``.
+    ``λ`` (``inverse_temperature``) → ∞ gives max backup, → 0 the ``w``-weighted mean. ``weights`` picks ``w``:
+
+    * :func:`visit_weights` (default), ``w(c) = N(c)``: the visit-weighted soft value, the soft analogue of MCTS's
+      mean backup.
+    * :func:`uniform_weights`, ``w(c) = 1``: the paper's soft Bellman backup. The children of a DTS node are i.i.d.
+      draws from the policy, so the plain average over them is the Monte Carlo estimate of
+      ``E_{p(c|s)}[exp(λ V(c))]``. Visit counts are not draws from the policy: DTS visits a child with probability
+      ∝ exp(λ v̂(c)), so weighting by visits tilts the average a second time and overestimates ``V(s)`` (for two
+      children with values 0 and 1 and λ = 1 visited in the ratio 1 : e, the visit weights give
+      ``log((1 + e²)/(1 + e)) = 0.81`` instead of the uniform ``log((1 + e)/2) = 0.62``). DTS and DTS* use it.
+
+    Departure: the paper backs up over every child; here a child counts once it has been visited (a rollout the
+    scorer could not score stays unvisited and has no value to average).
     """
 
-    def __init__(self, inverse_temperature: float = 1.0) -> None:
+    def __init__(self, inverse_temperature: float = 1.0, *, weights: ChildWeights = visit_weights) -> None:
         if inverse_temperature <= 0:
             raise ValueError(f"inverse_temperature must be > 0, got {inverse_temperature}")
         self.lam = inverse_temperature
-        self.__name__ = f"soft_backup(λ={inverse_temperature:g})"
+        self.weights = weights
+        variant = "" if weights is visit_weights else f", {weights.__name__}"
+        self.__name__ = f"soft_backup(λ={inverse_temperature:g}{variant})"
 
     def __call__(self, tree: Tree, node: Node, leaf_value: float) -> float:
         kids = [k for k in tree.children(node.id) if k.visits > 0 and k.value is not None]
         if not kids:
             return leaf_value
-        n = np.array([k.visits for k in kids], dtype=float)
+        w = self.weights(kids)
         v = self.lam * np.array([k.value for k in kids], dtype=float)
         m = v.max()
-        return float((m + math.log(float(np.sum(n / n.sum() * np.exp(v - m))))) / self.lam)
+        return float((m + math.log(float(np.sum(w / w.sum() * np.exp(v - m))))) / self.lam)
 
 
 def backup(tree: Tree, leaf: Node, leaf_value: float, *, rule: BackupRule = mean_backup) -> None:

@@ -8,6 +8,7 @@ from functools import partial
 
 from treeward.engine.base import Policy
 from treeward.rewards.base import Reward
+from treeward.search.beam import BeamPool, beam_rounds
 from treeward.search.core import (
     Aggregate,
     AnswerFn,
@@ -25,12 +26,22 @@ from treeward.search.core import (
 )
 from treeward.tree import Node, Problem, Tree
 
-__all__ = ["tot_bfs", "tot_dfs"]
+__all__ = ["keep_passing", "tot_bfs", "tot_dfs"]
 
 
 def _passes(node: Node, threshold: float | None) -> bool:
     """A scored node passes when its value reaches ``threshold``; an unscored one is never pruned (it ranks last)."""
     return threshold is None or node.value is None or node.value >= threshold
+
+
+def keep_passing(
+    tree: Tree, pool: BeamPool, candidates: Sequence[Node], *, threshold: float | None
+) -> list[Node]:
+    """ToT-BFS's selection (a :data:`~treeward.search.beam.KeepRule`): of the candidates that pass ``threshold``,
+    the best ``width`` (b) by :func:`~treeward.search.core.path_key`. Unlike beam search's rule, finished
+    solutions do not take slots: every depth keeps up to b states."""
+    passing = [c for c in candidates if _passes(c, threshold)]
+    return sorted(passing, key=partial(path_key, tree), reverse=True)[: pool.width]
 
 
 def tot_bfs(
@@ -55,9 +66,11 @@ def tot_bfs(
     Per depth, every kept state is expanded ``samples`` times (k, the "sample" thought generator), all states of all
     problems in one batched engine call; every new state is evaluated by ``scorer`` (the state evaluator V); states
     whose value is below ``threshold`` are pruned; the best ``breadth`` (b) of the rest are kept, ranked by (value,
-    cumulative logprob). A kept state that is terminal (an answer, EOS, or cut) is a finished solution and leaves the
-    frontier. ``aggregate`` picks the answer among finished solutions (default: the best-valued, as ToT outputs the
-    best final state). Defaults b = 5 and k = 5 are the paper's Game-of-24 breadth and creative-writing sample count.
+    cumulative logprob). This is the round of :func:`~treeward.search.beam.beam_rounds`, with one pool of width b
+    per problem and :func:`keep_passing` as its selection rule. A kept state that is terminal (an answer, EOS, or
+    cut) is a finished solution and leaves the frontier. ``aggregate`` picks the answer among finished solutions
+    (default: the best-valued, as ToT outputs the best final state). Defaults b = 5 and k = 5 are the paper's
+    Game-of-24 breadth and creative-writing sample count.
 
     Departures: the paper's evaluator is the LM itself (value or vote prompts) and its depth is fixed per task; here
     the evaluator is any :class:`Reward` on the partial path, and depth varies (a path ends when it answers, up to
@@ -74,38 +87,23 @@ def tot_bfs(
     trees = init_trees(problems, policy, "tot_bfs")
     budgets = [Budget(budget) for _ in trees]
     before = snapshot(policy, trees)
-    frontier: list[list[Node]] = [[t.root] for t in trees]
-    finished: list[list[Node]] = [[] for _ in trees]
-    for depth in range(max_depth):
-        requests: list[Request] = []
-        with policy.ledger.timed("select"):
-            for i, live in enumerate(frontier):
-                rows = budgets[i].affordable(len(live) * samples, max_step_tokens)
-                frontier[i] = live[: -(-rows // samples)]
-                for j, node in enumerate(frontier[i]):
-                    requests.append(Request(i, node.id, min(samples, rows - j * samples), max_step_tokens))
-        if not requests:
-            break
-        new = expand_and_score(
-            policy,
-            scorer,
-            trees,
-            budgets,
-            requests,
-            temperature=temperature,
-            seed=seed,
-            answer_fn=answer_fn,
-            salt=depth,
-        )
-        with policy.ledger.timed("select"):
-            candidates: list[list[Node]] = [[] for _ in trees]
-            for r, nodes in zip(requests, new, strict=True):
-                candidates[r.tree].extend(c for c in nodes if _passes(c, threshold))
-            for i, cands in enumerate(candidates):
-                kept = sorted(cands, key=partial(path_key, trees[i]), reverse=True)[:breadth]
-                finished[i].extend(c for c in kept if c.terminal)
-                frontier[i] = [c for c in kept if not c.terminal]
-    for t, live, done in zip(trees, frontier, finished, strict=True):
+    pools = [BeamPool(i, breadth, [t.root]) for i, t in enumerate(trees)]
+    beam_rounds(
+        policy,
+        scorer,
+        trees,
+        budgets,
+        pools,
+        expansions=samples,
+        lookahead=0,
+        temperature=temperature,
+        max_step_tokens=max_step_tokens,
+        max_depth=max_depth,
+        seed=seed,
+        answer_fn=answer_fn,
+        keep=partial(keep_passing, threshold=threshold),
+    )
+    for t, p in zip(trees, pools, strict=True):
         t.metadata.update(
             {
                 "breadth": breadth,
@@ -117,11 +115,11 @@ def tot_bfs(
                 "max_step_tokens": max_step_tokens,
                 "max_depth": max_depth,
                 "seed": seed,
-                "finished": len(done),
-                "unfinished_states": len(live),
+                "finished": len(p.finished),
+                "unfinished_states": len(p.live),
             }
         )
-    return finish(policy, trees, finished, aggregate, before)
+    return finish(policy, trees, [p.finished for p in pools], aggregate, before)
 
 
 @dataclass
