@@ -10,6 +10,9 @@
   :class:`Rename`; configs with ``to_config()`` / :func:`from_config`;
 * group transforms (:mod:`~treeward.rewards.group`): :class:`GroupZScore`, :class:`Unlikeliness`,
   :class:`DifficultyScale`;
+* LLM judges over any OpenAI-compatible endpoint (:mod:`~treeward.rewards.judge`): :class:`JudgeClient` (async,
+  retries, rate limits, SQLite cache) and the :class:`PointwiseJudge`, :class:`PairwiseJudge`,
+  :class:`ListwiseJudge`, :class:`PrincipleJudge` and :class:`CritiqueJudge` modes;
 * adapters (:mod:`~treeward.rewards.adapters`): :func:`to_trl`, :func:`to_verl`, :func:`to_openrlhf`.
 
 Importing this package is cheap: no torch, trl, sacrebleu or math-verify at import time.
@@ -44,6 +47,15 @@ from treeward.rewards.compose import (
     registry_of,
 )
 from treeward.rewards.group import DifficultyScale, GroupZScore, Unlikeliness
+from treeward.rewards.judge import (
+    CritiqueJudge,
+    Decoding,
+    JudgeClient,
+    ListwiseJudge,
+    PairwiseJudge,
+    PointwiseJudge,
+    PrincipleJudge,
+)
 from treeward.rewards.process import (
     ClipDeltaSteps,
     ClipSteps,
@@ -93,14 +105,18 @@ __all__ = [
     "ClipSteps",
     "CodeExecution",
     "CostAwareF1",
+    "CritiqueJudge",
+    "Decoding",
     "DeltaSteps",
     "DifficultyScale",
     "ExactMatch",
     "Gate",
     "GroupZScore",
+    "JudgeClient",
     "LastStep",
     "LengthPenalty",
     "Lexicographic",
+    "ListwiseJudge",
     "MathVerify",
     "MaxOverReferences",
     "MeanSteps",
@@ -108,6 +124,9 @@ __all__ = [
     "NuggetCoverage",
     "NumericMatch",
     "OverlongPenalty",
+    "PairwiseJudge",
+    "PointwiseJudge",
+    "PrincipleJudge",
     "ProcessReward",
     "ProdSteps",
     "Product",
