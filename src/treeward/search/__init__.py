@@ -19,6 +19,7 @@ from treeward.search.dts import dts, dts_star
 from treeward.search.dvts import dvts
 from treeward.search.mcts import mcts, mcts_star
 from treeward.search.rebase import ets, rebase
+from treeward.search.rollouts import finished_leaves, slate_rollouts, thicken, tree_rollouts
 from treeward.search.tot import tot_bfs, tot_dfs
 from treeward.search.vgd import vas_decode, ved_decode
 
@@ -33,13 +34,17 @@ __all__ = [
     "dvts",
     "ets",
     "extract_answer",
+    "finished_leaves",
     "grade",
     "majority_vote",
     "mcts",
     "mcts_star",
     "rebase",
+    "slate_rollouts",
+    "thicken",
     "tot_bfs",
     "tot_dfs",
+    "tree_rollouts",
     "vas_decode",
     "ved_decode",
     "weighted_vote",

@@ -357,6 +357,8 @@ def score_paths(
     refs: Sequence[tuple[int, Node]],
     *,
     ledger: Ledger | None = None,
+    sample: Callable[[Tree, Node], Sample | None] = path_sample,
+    step_rewards: bool = True,
 ) -> None:
     """Score the paths ending at ``refs`` (tree index, node) in one batch and write the results on the nodes.
 
@@ -369,10 +371,16 @@ def score_paths(
     (:func:`scored_tokens`) are booked as ``scored``, summed per problem. A result whose ``info["scored_tokens"]``
     is not a non-negative int breaks the scorer's contract: the batch is handled as a scorer that raised (nothing
     is booked).
+
+    ``sample`` builds the reward's input for a path (default :func:`path_sample`; ``None`` skips the path, e.g. a
+    segment rollout before its first complete line). With ``step_rewards=False`` the result's ``step_scores`` are
+    not written on the step nodes (for samples whose steps are not the tree's nodes).
     """
-    if not refs:
+    built = [(ti, node, smp) for ti, node in refs if (smp := sample(trees[ti], node)) is not None]
+    if not built:
         return
-    samples = [path_sample(trees[ti], node) for ti, node in refs]
+    refs = [(ti, node) for ti, node, _ in built]
+    samples = [smp for _, _, smp in built]
     try:
         results: list[RewardResult] = scorer(samples)
         if len(results) != len(samples):
@@ -392,7 +400,7 @@ def score_paths(
         node.status = (
             res.status.value if res.status != Status.OK or res.score is not None else Status.NOT_APPLICABLE
         )
-        if res.step_scores is not None:
+        if res.step_scores is not None and step_rewards:
             if len(res.step_scores) != len(s.steps):
                 node.status = Status.PARSE_ERROR.value
                 node.metadata["error"] = f"{len(res.step_scores)} step scores for {len(s.steps)} steps"
