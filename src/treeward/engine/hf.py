@@ -50,7 +50,7 @@ from treeward.engine._kvstore import KVStore, SeqKV
 from treeward.engine._sampling import gumbel_argmax, row_keys, step_keys, vocab_keys
 from treeward.engine.base import Continuation, FinishReason, Ledger
 
-__all__ = ["HFPolicy", "ModelLoadError"]
+__all__ = ["HFPolicy", "ModelLoadError", "check_model_path"]
 
 #: Rows × padded length allowed in one forward (bounds the 4D mask and activations of a chunk).
 _MAX_BATCH_TOKENS = 65536
@@ -177,6 +177,21 @@ def _as_int64(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
+def check_model_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a string once it names a saved model folder (with a ``config.json``) or looks like a hub id
+    (``org/name``); otherwise one :class:`ModelLoadError` naming the path. Every model loader runs this first."""
+    text = os.fspath(path)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{folder} has no config.json: not a saved model folder")
+    elif folder.exists():
+        raise ModelLoadError(f"{folder} is a file, not a model folder")
+    elif not _HUB_ID.match(text):
+        raise ModelLoadError(f"no model folder at {folder}")
+    return text
+
+
 class HFPolicy:
     """A :class:`~treeward.engine.base.Policy` over a transformers causal LM and its (fast) tokenizer.
 
@@ -244,15 +259,7 @@ class HFPolicy:
         Raises :class:`ModelLoadError` naming the path when the folder is missing, has no ``config.json``, or
         transformers cannot load a causal LM and tokenizer from it.
         """
-        text = os.fspath(path)
-        folder = Path(text).expanduser()
-        if folder.is_dir():
-            if not (folder / "config.json").is_file():
-                raise ModelLoadError(f"{folder} has no config.json: not a saved model folder")
-        elif folder.exists():
-            raise ModelLoadError(f"{folder} is a file, not a model folder")
-        elif not _HUB_ID.match(text):
-            raise ModelLoadError(f"no model folder at {folder}")
+        text = check_model_path(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(text, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(text)

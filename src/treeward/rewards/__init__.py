@@ -13,6 +13,9 @@
 * LLM judges over any OpenAI-compatible endpoint (:mod:`~treeward.rewards.judge`): :class:`JudgeClient` (async,
   retries, rate limits, SQLite cache) and the :class:`PointwiseJudge`, :class:`PairwiseJudge`,
   :class:`ListwiseJudge`, :class:`PrincipleJudge` and :class:`CritiqueJudge` modes;
+* model-based rewards (:mod:`~treeward.rewards.model`): :class:`ClassifierReward` (a sequence-classification RM),
+  :class:`ProcessRewardModel` (a token-classification PRM read at step ends), :class:`EndogenousReward` (a causal
+  LM's own log-likelihood reward, Generalist Reward Models), all loaded lazily from a path;
 * adapters (:mod:`~treeward.rewards.adapters`): :func:`to_trl`, :func:`to_verl`, :func:`to_openrlhf`.
 
 Importing this package is cheap: no torch, trl, sacrebleu or math-verify at import time.
@@ -56,6 +59,7 @@ from treeward.rewards.judge import (
     PointwiseJudge,
     PrincipleJudge,
 )
+from treeward.rewards.model import ClassifierReward, EndogenousReward, ProcessRewardModel
 from treeward.rewards.process import (
     ClipDeltaSteps,
     ClipSteps,
@@ -100,6 +104,7 @@ __all__ = [
     "Cascade",
     "ChrF",
     "CitationRubricReward",
+    "ClassifierReward",
     "Clip",
     "ClipDeltaSteps",
     "ClipSteps",
@@ -109,6 +114,7 @@ __all__ = [
     "Decoding",
     "DeltaSteps",
     "DifficultyScale",
+    "EndogenousReward",
     "ExactMatch",
     "Gate",
     "GroupZScore",
@@ -128,6 +134,7 @@ __all__ = [
     "PointwiseJudge",
     "PrincipleJudge",
     "ProcessReward",
+    "ProcessRewardModel",
     "ProdSteps",
     "Product",
     "ReasoningSqlReward",

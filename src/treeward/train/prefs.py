@@ -28,14 +28,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from treeward.credit.records import PreferenceList, PreferencePair
 from treeward.train._batch import completion_logprobs
-from treeward.train.sft import (
+from treeward.train._loop import (
     TrainHistory,
     TrainingDataError,
-    _check_knobs,
-    _pad_id,
-    _vocab_size,
     check_ids,
+    check_knobs,
     fit,
+    pad_id_of,
+    vocab_size,
 )
 
 __all__ = ["dpo_loss", "tpo_loss", "tpo_loss_reference", "train_dpo", "train_tpo"]
@@ -363,9 +363,9 @@ def _train_groups(
     weight_decay: float,
 ) -> TrainHistory:
     """The preference step every preference loss shares: validate, score the reference once, then :func:`fit`."""
-    pad_id = _pad_id(tokenizer)
-    _check_knobs(lr=lr, epochs=epochs, batch_size=batch_size, max_grad_norm=max_grad_norm)
-    vocab = _vocab_size(model)
+    pad_id = pad_id_of(tokenizer)
+    check_knobs(lr=lr, epochs=epochs, batch_size=batch_size, max_grad_norm=max_grad_norm)
+    vocab = vocab_size(model)
     for g in groups:
         check_ids(g.prompt_ids, f"{g.where}: prompt_ids", vocab)
         for k, c in enumerate(g.candidates):

@@ -15,11 +15,7 @@ leaves the model as it was.
 from __future__ import annotations
 
 import logging
-import math
-import random
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
@@ -27,36 +23,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from treeward.credit.records import SFTExample
 from treeward.train._batch import completion_logprobs
+from treeward.train._loop import (
+    TrainHistory,
+    TrainingDataError,
+    check_ids,
+    check_knobs,
+    fit,
+    pad_id_of,
+    vocab_size,
+)
 
 __all__ = ["TrainHistory", "TrainingDataError", "sft_loss", "train_sft"]
 
 log = logging.getLogger("treeward.train")
 
 T = TypeVar("T")
-
-
-class TrainingDataError(ValueError):
-    """Training input a loop cannot use (empty, malformed or out-of-vocabulary); the message says what and how to fix."""
-
-
-@dataclass(frozen=True)
-class TrainHistory:
-    """What a training loop did, one entry per optimiser step.
-
-    ``losses`` [steps]: the loss of each step's batch, computed before that step's update; ``grad_norms`` [steps]:
-    the total gradient norm before clipping; ``examples``: records trained on (pairs, lists or SFT examples); ``epochs``
-    and ``steps`` the passes and optimiser steps taken; ``tokens``: completion tokens the policy was trained on, summed
-    over steps; ``seconds``: wall time of the loop.
-    """
-
-    name: str
-    losses: tuple[float, ...]
-    grad_norms: tuple[float, ...]
-    examples: int
-    epochs: int
-    steps: int
-    tokens: int
-    seconds: float
 
 
 def sft_loss(logprobs: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -104,11 +85,11 @@ def train_sft(
         max_grad_norm: clip the total gradient norm to this (``None``: no clipping).
         weight_decay: AdamW's decoupled weight decay.
     """
-    pad_id = _pad_id(tokenizer)
-    _check_knobs(lr=lr, epochs=epochs, batch_size=batch_size, max_grad_norm=max_grad_norm)
+    pad_id = pad_id_of(tokenizer)
+    check_knobs(lr=lr, epochs=epochs, batch_size=batch_size, max_grad_norm=max_grad_norm)
     if len(examples) == 0:
         raise TrainingDataError("train_sft got no examples: pass at least one SFTExample")
-    vocab = _vocab_size(model)
+    vocab = vocab_size(model)
     for i, ex in enumerate(examples):
         where = f"example {i} (problem {ex.problem_id!r}, node {ex.node_id})"
         check_ids(ex.prompt_ids, f"{where}: prompt_ids", vocab)
@@ -132,121 +113,3 @@ def train_sft(
         max_grad_norm=max_grad_norm,
         weight_decay=weight_decay,
     )
-
-
-# -- the shared loop and its checks (also used by treeward.train.prefs) --------------------------------------------
-
-
-def fit(
-    model: torch.nn.Module,
-    items: Sequence[T],
-    batch_loss: Callable[[Sequence[T]], tuple[torch.Tensor, int]],
-    *,
-    name: str,
-    lr: float,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    max_grad_norm: float | None,
-    weight_decay: float,
-) -> TrainHistory:
-    """The one optimisation loop: shuffled batches of ``items``, ``batch_loss(batch) -> (loss, tokens)``, AdamW.
-
-    Logs one line per step (``treeward.train`` logger, INFO). The model is in train mode during the loop and restored
-    to its previous mode afterwards, also on error.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingDataError(
-            f"{name}: the model has no trainable parameters (all have requires_grad=False)"
-        )
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    clip = math.inf if max_grad_norm is None else max_grad_norm
-    order_rng = random.Random(seed)
-    losses: list[float] = []
-    norms: list[float] = []
-    tokens = 0
-    steps_per_epoch = math.ceil(len(items) / batch_size)
-    was_training = model.training
-    t0 = time.perf_counter()
-    model.train()
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            for epoch in range(epochs):
-                order = list(range(len(items)))
-                order_rng.shuffle(order)
-                for b in range(steps_per_epoch):
-                    batch = [items[i] for i in order[b * batch_size : (b + 1) * batch_size]]
-                    loss, n_tokens = batch_loss(batch)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-                    opt.step()
-                    losses.append(float(loss.detach()))
-                    norms.append(norm)
-                    tokens += n_tokens
-                    log.info(
-                        "%s epoch %d step %d/%d  loss %.4f  grad_norm %.3f",
-                        name,
-                        epoch + 1,
-                        len(losses),
-                        epochs * steps_per_epoch,
-                        losses[-1],
-                        norm,
-                    )
-    finally:
-        model.train(was_training)
-    return TrainHistory(
-        name=name,
-        losses=tuple(losses),
-        grad_norms=tuple(norms),
-        examples=len(items),
-        epochs=epochs,
-        steps=len(losses),
-        tokens=tokens,
-        seconds=time.perf_counter() - t0,
-    )
-
-
-def check_ids(ids: Sequence[int], what: str, vocab: int) -> None:
-    """Raise :class:`TrainingDataError` unless ``ids`` is a non-empty sequence of ids in ``[0, vocab)``."""
-    if len(ids) == 0:
-        raise TrainingDataError(f"{what} is empty: every prompt and completion needs at least one token")
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise TrainingDataError(
-            f"{what} holds token id {bad[0]}, outside the model's vocabulary of {vocab}: "
-            "the ids must come from this model's tokenizer"
-        )
-
-
-def _check_knobs(*, lr: float, epochs: int, batch_size: int, max_grad_norm: float | None) -> None:
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr}")
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The tokenizer's pad id, else its EOS id (padding is masked out, so any valid id works)."""
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if isinstance(tid, int):
-            return tid
-    raise ValueError(
-        "the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token before training"
-    )
-
-
-def _vocab_size(model: torch.nn.Module) -> int:
-    """Rows of the model's input embedding: the exclusive upper bound of a valid token id."""
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
-    emb = model.get_input_embeddings()
-    if not isinstance(emb, torch.nn.Embedding):
-        raise TypeError(f"expected an nn.Embedding input layer, got {type(emb).__name__}")
-    return emb.num_embeddings
