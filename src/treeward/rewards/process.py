@@ -171,6 +171,11 @@ class DeltaSteps:
     ``keep_last=True`` keeps the last step's own score (``r̃_S = r_S``), so the sum telescopes to ``r_1``: the
     reading in the project's reference notes. The dropped last step follows the paper's Figure (the last step's
     process reward is crossed out); the equation text itself could not be checked, so both are offered.
+
+    Caution, measured in ``benchmarks/prm_hacking.py``: with ``keep_last=False`` the return ``r_1 − r_S`` *rises*
+    when the last step is wrong, so appending a wrong trailing line pays (a correct solution with its last line
+    duplicated scored 2.0 against 1.0 under an exact step verifier plus the outcome reward). Pair it with an
+    outcome reward that fails such answers, or use ``keep_last=True`` or :class:`ClipSteps`, which do not reward it.
     """
 
     keep_last: bool = False

@@ -91,6 +91,7 @@ __all__ = [
     "seq_mean_token_mean",
     "seq_mean_token_sum",
     "seq_mean_token_sum_norm",
+    "step_problems",
     "token_mean",
     "train_pg",
 ]
@@ -546,7 +547,7 @@ def _step_seed(seed: int, step: int) -> int:
     return zlib.crc32(f"treeward-pg:{seed}:{step}".encode()) & 0x7FFFFFFF
 
 
-def _step_problems(problems: Sequence[Problem], batch: int, seed: int, step: int) -> list[Problem]:
+def step_problems(problems: Sequence[Problem], batch: int, seed: int, step: int) -> list[Problem]:
     """Problems of 1-based ``step``: epoch ``e`` is a seeded shuffle of all problems cut into whole batches (a
     remainder is dropped), so a step's batch depends on (problems, batch, seed, step) only and never repeats a
     problem."""
@@ -713,7 +714,7 @@ def train_pg(
         t0 = time.perf_counter()
 
         # 1-2. sample trees and score their leaves
-        batch = _step_problems(problems, batch_problems, seed, step)
+        batch = step_problems(problems, batch_problems, seed, step)
         trees = sampler(batch, policy, seed=_step_seed(seed, step))
         generated = sum(t.generated_tokens for t in trees)
         scores = _score_leaves(trees, reward)
