@@ -80,6 +80,7 @@ def _max_tokens(probs: Sequence[Any]) -> int:
 
 
 ALGORITHMS = ", ".join(registry.REGISTRY)
+SCORER_NAMES = ", ".join(registry.SCORERS) + " (steps: the exact step verifier; prm: the shipped learned PRM)"
 SCALES = "Widths scaled with the budget: " + ", ".join(
     f"{e.name} {e.scale.knob} = budget // {e.scale.per}" for e in registry.ENTRIES if e.scale is not None
 )
@@ -109,18 +110,22 @@ def search(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     batch_problems: Annotated[int, typer.Option(help="Problems searched together in one batch.")] = 16,
     knob: Annotated[list[str] | None, typer.Option(help=KNOB_HELP)] = None,
+    scorer: Annotated[
+        str, typer.Option(help=f"Process scorer guiding the search: {SCORER_NAMES}.")
+    ] = "steps",
 ) -> None:
     """Search problems with a policy and a scorer; write trees.jsonl and summary.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from treeward.search.core import SearchError, grade
-    from treeward.tasks import ArithmeticAnswer, ArithmeticSteps
+    from treeward.tasks import ArithmeticAnswer
     from treeward.tree import write_jsonl
 
     try:
         entry = registry.get(algorithm)
         overrides = registry.parse_knob_args(knob or [], [entry.name])[entry.name]
-    except registry.KnobError as e:
+        guide = registry.scorer(scorer)
+    except ValueError as e:  # KnobError, or ModelLoadError from a scorer's model
         _fail(str(e))
     if budget <= 0:
         _fail(f"--budget must be a positive number of tokens, got {budget}")
@@ -140,7 +145,7 @@ def search(
         policy = _load_policy(model)
     except ValueError as e:  # ModelLoadError
         _fail(str(e))
-    scorer, outcome = ArithmeticSteps(), ArithmeticAnswer()
+    outcome = ArithmeticAnswer()
 
     out = out or Path("runs") / f"search-{datetime.now():%Y%m%d-%H%M%S}"
     if out.exists() and any(out.iterdir()):
@@ -163,7 +168,7 @@ def search(
         task = bar.add_task(entry.name, total=len(probs), acc="-")
         try:
             for chunk in _chunks(probs, batch_problems):
-                trees = entry.fn(chunk, policy, scorer, budget, seed=seed, **knobs)
+                trees = entry.fn(chunk, policy, guide, budget, seed=seed, **knobs)
                 grade(trees, outcome)
                 write_jsonl(trees, trees_path, append=True)
                 done.extend(trees)
@@ -181,6 +186,7 @@ def search(
             "n_requested": len(probs),
             "model": str(model) if model else "shipped:tiny-policy",
             "problems": source,
+            "scorer": guide.name,
         }
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -420,6 +426,79 @@ def bench(
     typer.echo(f"{wall:.1f} s; wrote {', '.join(str(p) for p in paths)}")
     if interrupted:
         raise typer.Exit(130)
+
+
+@app.command()
+def selftrain(
+    method: Annotated[
+        str, typer.Option(help="rest-mcts (ReST-MCTS*), rest-em (ReST-EM) or mcts-dpo.")
+    ] = "rest-mcts",
+    iterations: Annotated[int, typer.Option(help="Search-and-train rounds.")] = 3,
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Run folder; rerunning the same command resumes after the last finished iteration."
+        ),
+    ] = Path("runs/selftrain"),
+    model: Annotated[
+        Path | None, typer.Option(help="Policy folder (from_pretrained); default: shipped.")
+    ] = None,
+    prm: Annotated[
+        Path | None,
+        typer.Option(
+            help="PRM folder to search with first (default: the shipped PRM when installed, else none: an "
+            "uninformed scorer)."
+        ),
+    ] = None,
+    problems_per_iter: Annotated[int, typer.Option(help="Fresh training problems per iteration.")] = 64,
+    samples: Annotated[
+        int, typer.Option(help="Budget per training problem, in whole solutions (equal across methods).")
+    ] = 8,
+    eval_problems: Annotated[
+        int, typer.Option(help="Held-out problems per step count (greedy accuracy).")
+    ] = 100,
+    search_problems: Annotated[
+        int, typer.Option(help="Held-out 4-step problems for the search accuracy.")
+    ] = 50,
+    epochs: Annotated[int, typer.Option(help="Policy training passes per iteration.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of problems, sampling and training.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+) -> None:
+    """Self-train a policy from its own search trees (ReST-MCTS*, or the ReST-EM / MCTS-DPO baselines at equal
+    samples); print and save a per-iteration table, checkpoint every iteration into <out>/iter_k/."""
+    from treeward._paths import SHIPPED_POLICY, SHIPPED_PRM
+    from treeward.train.selftrain import selftrain as run_selftrain
+
+    if prm is None and (SHIPPED_PRM / "config.json").is_file():
+        prm = SHIPPED_PRM
+
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be ≥ 1, got {threads}")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        rows = run_selftrain(
+            model if model is not None else SHIPPED_POLICY,
+            out_dir=out,
+            method=method,
+            iterations=iterations,
+            problems_per_iter=problems_per_iter,
+            samples_per_problem=samples,
+            eval_problems=eval_problems,
+            search_problems=search_problems,
+            epochs=epochs,
+            seed=seed,
+            initial_prm=prm,
+            log=lambda line: typer.echo(line, err=True),
+        )
+    except ValueError as e:  # SelfTrainError, ModelLoadError
+        _fail(str(e))
+    from treeward.train.selftrain import format_table
+
+    typer.echo(format_table(rows))
+    typer.echo(f"wrote {out / 'table.md'} and {out / 'table.json'}")
 
 
 def main() -> None:

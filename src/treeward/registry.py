@@ -27,6 +27,11 @@ argument, never exceeded). So that an algorithm can use a bigger budget, the swe
 * ``greedy`` has no width: it spends what one greedy solution costs at any budget.
 
 The sweep reports what each cell actually spent, so plots put actual tokens on the x axis.
+
+**Scorers.** :data:`SCORERS` names the process scorers a search can be guided by (``treeward search --scorer``):
+``steps``, the built-in task's exact step verifier (the default), and ``prm``, the shipped learned PRM
+(:data:`treeward._paths.SHIPPED_PRM`, trained on Monte-Carlo labels from search trees by
+:mod:`treeward.train.prm`). Each is a factory, so nothing loads until a command picks it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
+from treeward.rewards.base import Reward
 from treeward.search import (
     beam_search,
     best_of_n,
@@ -63,6 +69,7 @@ __all__ = [
     "ENTRIES",
     "NAMED_FUNCTIONS",
     "REGISTRY",
+    "SCORERS",
     "Entry",
     "KnobError",
     "Scale",
@@ -73,6 +80,7 @@ __all__ = [
     "parse_knob",
     "parse_knob_args",
     "resolve_knobs",
+    "scorer",
 ]
 
 SearchFn = Callable[..., list[Tree]]
@@ -153,6 +161,37 @@ NAMED_FUNCTIONS: dict[str, dict[str, Callable[..., Any]]] = {
 """Function-valued knob types → the functions a command line may name for them. Keyed by the name of the type
 alias as the search function's signature writes it (``aggregate: Aggregate = ...``): resolving an alias with
 ``typing.get_type_hints`` rebuilds it, so the alias object itself cannot be the key."""
+
+
+def exact_steps() -> Reward:
+    """The arithmetic task's exact step verifier (:class:`~treeward.tasks.ArithmeticSteps`)."""
+    from treeward.tasks import ArithmeticSteps
+
+    return ArithmeticSteps()
+
+
+def shipped_prm() -> Reward:
+    """The shipped learned PRM (:class:`~treeward.rewards.model.ProcessRewardModel` on
+    :data:`~treeward._paths.SHIPPED_PRM`, min over step scores), loaded now so that a broken folder is one
+    :class:`~treeward.engine.hf.ModelLoadError` here rather than a scorer failing on every node of a search."""
+    from treeward._paths import SHIPPED_PRM
+    from treeward.rewards.model import ProcessRewardModel
+
+    prm = ProcessRewardModel(SHIPPED_PRM, name="learned_prm")
+    prm.load()
+    return prm
+
+
+SCORERS: dict[str, Callable[[], Reward]] = {"steps": exact_steps, "prm": shipped_prm}
+"""Scorer names → factories of the scorer a search is guided by (see the module docstring)."""
+
+
+def scorer(name: str) -> Reward:
+    """A fresh scorer called ``name`` (:data:`SCORERS`); :class:`KnobError` listing the known names otherwise, and
+    the factory's own error (a ``ValueError``, e.g. ``ModelLoadError``) when it cannot build the scorer."""
+    if name not in SCORERS:
+        raise KnobError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
+    return SCORERS[name]()
 
 
 def get(name: str) -> Entry:

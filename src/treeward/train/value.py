@@ -267,7 +267,7 @@ def train_value(
         losses=history.losses,
         seconds=history.seconds,
         examples=len(examples),
-        positions=history.tokens,
+        positions=sum(len(e.positions) for e in examples),
         seed=seed,
     )
 
