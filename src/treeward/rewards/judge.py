@@ -904,7 +904,31 @@ POINTWISE_TEMPLATE = (
 SCORE_PATTERN = r"\[\[(?P<score>-?\d+(?:\.\d+)?)\]\]"
 
 
-class PointwiseJudge:
+class _Judge:
+    """What every judge mode shares: sync ``__call__`` over the async ``ascore``, one client session per batch, and
+    (unless a mode scores its batch jointly) each sample judged on its own by the mode's ``_one``. Modes set
+    ``client``, ``name`` and ``partial_ok``."""
+
+    client: JudgeClient
+    name: str
+
+    def __call__(self, samples: Sequence[Sample]) -> list[RewardResult]:
+        return run_sync(self.ascore(samples))
+
+    async def ascore(self, samples: Sequence[Sample]) -> list[RewardResult]:
+        return await _batch(self.client, self._score, samples)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, client={self.client!r})"
+
+    async def _score(self, session: JudgeSession, samples: list[Sample]) -> list[RewardResult]:
+        return list(await asyncio.gather(*(self._one(session, s) for s in samples)))
+
+    async def _one(self, session: JudgeSession, s: Sample) -> RewardResult:
+        raise NotImplementedError(f"{type(self).__name__} scores its batch jointly")
+
+
+class PointwiseJudge(_Judge):
     """Single-answer grading: the judge rates one response; the parsed rating is the score.
 
     Paper: Zheng et al. (2023), "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena" (single-answer grading
@@ -944,18 +968,6 @@ class PointwiseJudge:
         self.policy = _Policy.make(on_unparseable, unparseable_retries, retry_temperature)
         self.partial_ok = partial_ok
         self.name = self.__name__ = name
-
-    def __call__(self, samples: Sequence[Sample]) -> list[RewardResult]:
-        return run_sync(self.ascore(samples))
-
-    async def ascore(self, samples: Sequence[Sample]) -> list[RewardResult]:
-        return await _batch(self.client, self._score, samples)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, client={self.client!r})"
-
-    async def _score(self, session: JudgeSession, samples: list[Sample]) -> list[RewardResult]:
-        return list(await asyncio.gather(*(self._one(session, s) for s in samples)))
 
     async def _one(self, session: JudgeSession, s: Sample) -> RewardResult:
         if (pre := _check_sample(s, self.partial_ok)) is not None:
@@ -1003,7 +1015,7 @@ PAIRWISE_TEMPLATE = (
 PAIRWISE_PATTERN = r"\[\[(?P<verdict>[ABC])\]\]"
 
 
-class PairwiseJudge:
+class PairwiseJudge(_Judge):
     """The response against an opponent (``Sample.reference``: a baseline or reference answer): 1 for a win, 0.5
     for a tie, 0 for a loss.
 
@@ -1047,18 +1059,6 @@ class PairwiseJudge:
         self.policy = _Policy.make(on_unparseable, unparseable_retries, retry_temperature)
         self.partial_ok = partial_ok
         self.name = self.__name__ = name
-
-    def __call__(self, samples: Sequence[Sample]) -> list[RewardResult]:
-        return run_sync(self.ascore(samples))
-
-    async def ascore(self, samples: Sequence[Sample]) -> list[RewardResult]:
-        return await _batch(self.client, self._score, samples)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, client={self.client!r})"
-
-    async def _score(self, session: JudgeSession, samples: list[Sample]) -> list[RewardResult]:
-        return list(await asyncio.gather(*(self._one(session, s) for s in samples)))
 
     async def _order(
         self, session: JudgeSession, calls: _Calls, prompt: str, first: str, second: str
@@ -1115,7 +1115,7 @@ RANKING_PATTERN = r"\[\[(?P<ranking>[^\[\]]+)\]\]"
 RANKING_SEPARATOR = r"\s*(?:>|,)\s*"
 
 
-class ListwiseJudge:
+class ListwiseJudge(_Judge):
     """A group's responses ranked in one judge call; a response's score is ``(n − 1 − rank)/(n − 1)`` (best 1.0,
     worst 0.0).
 
@@ -1169,15 +1169,6 @@ class ListwiseJudge:
             return tuple(range(len(group)))
         key = _canonical([[s.prompt, s.response] for s in group])
         return shuffle_order(len(group), seed=self.shuffle_seed, key=key)
-
-    def __call__(self, samples: Sequence[Sample]) -> list[RewardResult]:
-        return run_sync(self.ascore(samples))
-
-    async def ascore(self, samples: Sequence[Sample]) -> list[RewardResult]:
-        return await _batch(self.client, self._score, samples)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, client={self.client!r})"
 
     async def _score(self, session: JudgeSession, samples: list[Sample]) -> list[RewardResult]:
         results: list[RewardResult | None] = [None] * len(samples)
@@ -1254,7 +1245,7 @@ PRINCIPLE_SYSTEM = (
 PRINCIPLE_TEMPLATE = "{system}\n\n{request}\n"
 
 
-class PrincipleJudge:
+class PrincipleJudge(_Judge):
     """Principle-following scoring: principle + prompt + a group of responses → a 1–5 score per response and a
     best-to-worst ranking, as JSON.
 
@@ -1306,15 +1297,6 @@ class PrincipleJudge:
             return self.principle
         p = s.metadata.get("principle")
         return p if isinstance(p, str) else None
-
-    def __call__(self, samples: Sequence[Sample]) -> list[RewardResult]:
-        return run_sync(self.ascore(samples))
-
-    async def ascore(self, samples: Sequence[Sample]) -> list[RewardResult]:
-        return await _batch(self.client, self._score, samples)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, client={self.client!r})"
 
     async def _score(self, session: JudgeSession, samples: list[Sample]) -> list[RewardResult]:
         results: list[RewardResult | None] = [None] * len(samples)
@@ -1415,7 +1397,7 @@ SCORE_TEMPLATE = "\n\nBased on this critique, rate the response from 1 to 10. Ra
 CRITIQUE_SCORE_PATTERN = r"^\s*\[*(?P<score>-?\d+(?:\.\d+)?)"
 
 
-class CritiqueJudge:
+class CritiqueJudge(_Judge):
     """Critique, then score: the judge first writes a critique of the response, then is asked for a score in a
     second request that continues from its critique; the score is parsed from that second answer.
 
@@ -1470,18 +1452,6 @@ class CritiqueJudge:
         self.policy = _Policy.make(on_unparseable, unparseable_retries, retry_temperature)
         self.partial_ok = partial_ok
         self.name = self.__name__ = name
-
-    def __call__(self, samples: Sequence[Sample]) -> list[RewardResult]:
-        return run_sync(self.ascore(samples))
-
-    async def ascore(self, samples: Sequence[Sample]) -> list[RewardResult]:
-        return await _batch(self.client, self._score, samples)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, client={self.client!r})"
-
-    async def _score(self, session: JudgeSession, samples: list[Sample]) -> list[RewardResult]:
-        return list(await asyncio.gather(*(self._one(session, s) for s in samples)))
 
     async def _one(self, session: JudgeSession, s: Sample) -> RewardResult:
         if (pre := _check_sample(s, self.partial_ok)) is not None:
