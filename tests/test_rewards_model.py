@@ -384,3 +384,45 @@ def test_endogenous_ranks_the_right_solution_higher_and_pickles() -> None:
     )
     with pytest.raises(ValueError, match="alpha must be > 0"):
         EndogenousReward(SHIPPED_POLICY, alpha=0.0)
+
+
+def test_endogenous_step_scores_split_the_log_likelihood_at_step_ends(lm, tok) -> None:  # type: ignore[no-untyped-def]
+    """With a reducer, each step's score is the summed log-prob of its own tokens (EOS in the last step), read
+    from one teacher-forced pass: the step scores add up to the response's log-likelihood."""
+    reward = EndogenousReward(SHIPPED_POLICY, reduce=MinStep())
+    got = reward([Sample(prompt=PROMPT, response="".join(STEPS), steps=STEPS)])[0]
+    ids = [tok.bos_token_id, *tok.encode(PROMPT, add_special_tokens=False)]
+    bounds = []
+    for step in STEPS:
+        ids += tok.encode(step, add_special_tokens=False)
+        bounds.append(len(ids))
+    ids.append(tok.eos_token_id)
+    bounds[-1] += 1  # the EOS closes the last step
+    with torch.no_grad():
+        lp = torch.log_softmax(lm(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    start = len(ids) - sum(len(tok.encode(step, add_special_tokens=False)) for step in STEPS) - 1
+    want = []
+    for end in bounds:
+        want.append(sum(lp[t - 1, ids[t]].item() for t in range(start, end)))
+        start = end
+    assert got.step_scores == pytest.approx(want, abs=1e-3)
+    assert got.score == pytest.approx(min(want), abs=1e-3)  # MinStep
+    assert sum(want) == pytest.approx(got.components["logprob"], abs=1e-3)
+
+
+def test_endogenous_step_scores_put_a_right_step_above_a_wrong_one() -> None:
+    """The process use: on fixed problems, the corrupted last step (result off by 10) gets a lower step score than
+    the right one, with the steps before it scored identically."""
+    reward = EndogenousReward(SHIPPED_POLICY, reduce=MinStep())
+    pairs = _pairs()[:6]
+    samples = []
+    for good, bad in pairs:
+        for s in (good, bad):
+            lines = s.response.split("\n")
+            steps = (*(ln + "\n" for ln in lines[:-1]), lines[-1])
+            samples.append(Sample(prompt=s.prompt, response=s.response, steps=steps, partial=True))
+    res = reward(samples)
+    for g, b in zip(res[0::2], res[1::2], strict=True):
+        assert g.step_scores is not None and b.step_scores is not None
+        assert g.step_scores[:-2] == pytest.approx(b.step_scores[:-2], abs=1e-6)  # shared steps
+        assert g.step_scores[-2] > b.step_scores[-2]  # the corrupted step itself

@@ -16,7 +16,8 @@ import torch
 from treeward import registry
 from treeward._paths import SHIPPED_POLICY, SHIPPED_PRM, SHIPPED_RM
 from treeward.rewards.base import Sample
-from treeward.rewards.model import ProcessRewardModel, encode_pieces
+from treeward.rewards.model import EndogenousReward, ProcessRewardModel, encode_pieces
+from treeward.rewards.process import MinStep
 from treeward.tasks import ArithmeticSteps, generate_problems
 from treeward.tasks.arithmetic import solution_text
 from treeward.train.prm import (
@@ -221,7 +222,9 @@ def test_registry_scorers() -> None:
     assert isinstance(registry.scorer("steps"), ArithmeticSteps)
     prm = registry.scorer("prm")
     assert isinstance(prm, ProcessRewardModel) and Path(prm.path) == SHIPPED_PRM
-    with pytest.raises(registry.KnobError, match="unknown scorer 'rm'; choose from steps, prm"):
+    endo = registry.scorer("endogenous")
+    assert isinstance(endo, EndogenousReward) and isinstance(endo.reduce, MinStep)
+    with pytest.raises(registry.KnobError, match="unknown scorer 'rm'; choose from steps, prm, endogenous"):
         registry.scorer("rm")
 
 

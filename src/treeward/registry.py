@@ -29,9 +29,9 @@ argument, never exceeded). So that an algorithm can use a bigger budget, the swe
 The sweep reports what each cell actually spent, so plots put actual tokens on the x axis.
 
 **Scorers.** :data:`SCORERS` names the process scorers a search can be guided by (``treeward search --scorer``):
-``steps``, the built-in task's exact step verifier (the default), and ``prm``, the shipped learned PRM
+``steps``, the built-in task's exact step verifier (the default); ``prm``, the shipped learned PRM
 (:data:`treeward._paths.SHIPPED_PRM`, trained on Monte-Carlo labels from search trees by
-:mod:`treeward.train.prm`). Each is a factory, so nothing loads until a command picks it.
+:mod:`treeward.train.prm`); and ``endogenous``, the shipped policy's own step log-likelihoods, min over steps. Each is a factory, so nothing loads until a command picks it.
 """
 
 from __future__ import annotations
@@ -182,7 +182,21 @@ def shipped_prm() -> Reward:
     return prm
 
 
-SCORERS: dict[str, Callable[[], Reward]] = {"steps": exact_steps, "prm": shipped_prm}
+def endogenous_steps() -> Reward:
+    """The shipped policy's own step log-likelihood as a process reward (:class:`~treeward.rewards.model.
+    EndogenousReward` at step level, min over steps): no training, no verifier."""
+    from treeward._paths import SHIPPED_POLICY
+    from treeward.rewards.model import EndogenousReward
+    from treeward.rewards.process import MinStep
+
+    return EndogenousReward(SHIPPED_POLICY, reduce=MinStep(), name="endogenous_steps")
+
+
+SCORERS: dict[str, Callable[[], Reward]] = {
+    "steps": exact_steps,
+    "prm": shipped_prm,
+    "endogenous": endogenous_steps,
+}
 """Scorer names → factories of the scorer a search is guided by (see the module docstring)."""
 
 
