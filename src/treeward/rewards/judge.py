@@ -911,6 +911,9 @@ class _Judge:
 
     client: JudgeClient
     name: str
+    partial_ok: bool
+    template: str
+    _fields: set[str]
 
     def __call__(self, samples: Sequence[Sample]) -> list[RewardResult]:
         return run_sync(self.ascore(samples))
@@ -926,6 +929,19 @@ class _Judge:
 
     async def _one(self, session: JudgeSession, s: Sample) -> RewardResult:
         raise NotImplementedError(f"{type(self).__name__} scores its batch jointly")
+
+    def _judge_prompt(self, s: Sample) -> str | RewardResult:
+        """The mode's ``template`` filled with the sample (prompt, response, and the reference when the template
+        names it), or the result that says why the sample cannot be judged."""
+        if (pre := _check_sample(s, self.partial_ok)) is not None:
+            return pre
+        ref = ""
+        if "reference" in self._fields:
+            got = _reference_text(s)
+            if isinstance(got, RewardResult):
+                return got
+            ref = got
+        return _format(self.template, prompt=s.prompt, response=s.response, reference=ref)
 
 
 class PointwiseJudge(_Judge):
@@ -970,15 +986,9 @@ class PointwiseJudge(_Judge):
         self.name = self.__name__ = name
 
     async def _one(self, session: JudgeSession, s: Sample) -> RewardResult:
-        if (pre := _check_sample(s, self.partial_ok)) is not None:
-            return pre
-        ref = ""
-        if "reference" in self._fields:
-            got = _reference_text(s)
-            if isinstance(got, RewardResult):
-                return got
-            ref = got
-        prompt = _format(self.template, prompt=s.prompt, response=s.response, reference=ref)
+        prompt = self._judge_prompt(s)
+        if isinstance(prompt, RewardResult):
+            return prompt
         calls = _Calls()
 
         async def ask(d: Decoding) -> tuple[str, dict[str, Any]]:
@@ -1454,15 +1464,9 @@ class CritiqueJudge(_Judge):
         self.name = self.__name__ = name
 
     async def _one(self, session: JudgeSession, s: Sample) -> RewardResult:
-        if (pre := _check_sample(s, self.partial_ok)) is not None:
-            return pre
-        ref = ""
-        if "reference" in self._fields:
-            got = _reference_text(s)
-            if isinstance(got, RewardResult):
-                return got
-            ref = got
-        first = _format(self.template, prompt=s.prompt, response=s.response, reference=ref)
+        first = self._judge_prompt(s)
+        if isinstance(first, RewardResult):
+            return first
         calls = _Calls()
         chat = self.decoding.endpoint == "chat"
 
