@@ -429,6 +429,7 @@ def test_math_verify_workers_do_not_leak(pool: MathVerify) -> None:
     # a pickled copy carries no processes; it starts its own, and they die with it (finalizer on collection)
     copy = pickle.loads(pickle.dumps(pool))
     assert copy.worker_pids == [] and copy.workers == 2
+    copy.deadline_s = 60.0  # this test is about processes, not deadlines: a loaded CI machine must not time it out
     # first called from a thread that then ends: on Linux the kernel kills workers with the thread that started
     # them (PR_SET_PDEATHSIG); the next call notices and starts new ones instead of waiting forever
     got: list[float | None] = []
@@ -447,7 +448,8 @@ def test_math_verify_workers_do_not_leak(pool: MathVerify) -> None:
         while _alive(first[0]) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(first[0])
-    assert [r.score for r in copy([S(r"$\boxed{4}$", "4")])] == [1.0]
+    again = copy([S(r"$\boxed{4}$", "4")])
+    assert [r.score for r in again] == [1.0], again
     copy_pids = copy.worker_pids
     assert len(copy_pids) == 1 and all(_alive(p) for p in copy_pids)
     del copy
