@@ -24,10 +24,15 @@ EOS = 3
 BOS = 2
 
 
-class StepBandit:
-    def __init__(self, problems: Sequence[Problem], q: float = 0.25) -> None:
-        self.q = q
-        self.by_prompt = {p.prompt: p for p in problems}
+class CharPolicy:
+    """The engine contract over character tokens: subclasses say which lines follow a prefix, this class turns
+    them into continuations (``stop`` at newline keeps the first line, EOS after an answer line, ``max_new_tokens``
+    caps, each line's probability on its first token) and books the ledger (no cache: ``computed`` = prefix +
+    generated - 1 per row)."""
+
+    bos: int | None = None  # prepended by encode_prompt when set
+
+    def __init__(self) -> None:
         self.ledger = Ledger()
         self.calls: list[int] = []  # rows per expand call
 
@@ -39,31 +44,15 @@ class StepBandit:
         return [ord(c) for c in text]
 
     def encode_prompt(self, text: str) -> list[int]:
-        return [BOS, *self.encode(text)]
+        return ([self.bos] if self.bos is not None else []) + self.encode(text)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(chr(t) for t in token_ids if t not in (BOS, EOS))
 
-    def _next_lines(
-        self, problem: Problem, done: list[str], rng: random.Random, greedy: bool
-    ) -> list[tuple[str, float]]:
-        """(line, probability) for every remaining step, each drawn in turn, then the answer line."""
-        ops = problem.metadata["ops"]
-        value = int(problem.metadata["start"])
-        for line in done:
-            st = parse_step(line)
-            if st is not None:
-                value = st.result
-        out = []
-        for i in range(len(done), len(ops)):
-            op, arg = ops[i]
-            right = {"+": value + arg, "-": value - arg, "*": value * arg}[op]
-            correct = (self.q >= 0.5) if greedy else rng.random() < self.q
-            result = right if correct else right + 1
-            out.append((f"Step {i + 1}: {value}{op}{arg}={result}\n", self.q if correct else 1 - self.q))
-            value = result
-        out.append((f"Answer: {value}", 1.0))
-        return out
+    def lines(self, text: str, seed: int, j: int, *, greedy: bool, whole: bool) -> list[tuple[str, float]]:
+        """(line, probability) of the next line after the decoded prefix ``text`` (the ``j``-th sample of a row
+        seeded ``seed``), or of every line to the answer when ``whole``."""
+        raise NotImplementedError
 
     def expand(
         self,
@@ -83,12 +72,9 @@ class StepBandit:
         out = []
         for i, prefix in enumerate(prefixes):
             text = self.decode(prefix)
-            prompt = next(p for p in self.by_prompt if text.startswith(p))
-            done = [ln for ln in text[len(prompt) :].split("\n") if ln]
             row = []
             for j in range(n):
-                rng = random.Random(f"{seed_list[i]}:{j}")
-                lines = self._next_lines(self.by_prompt[prompt], done, rng, greedy=temperature == 0)
+                lines = self.lines(text, seed_list[i], j, greedy=temperature == 0, whole=stop is None)
                 if stop is not None:
                     lines = lines[:1]
                 ids: list[int] = []
@@ -108,3 +94,35 @@ class StepBandit:
 
     def score(self, prefixes, continuations, *, groups=None):  # type: ignore[no-untyped-def]
         raise NotImplementedError("search tests never teacher-force")
+
+
+class StepBandit(CharPolicy):
+    bos = BOS
+
+    def __init__(self, problems: Sequence[Problem], q: float = 0.25) -> None:
+        super().__init__()
+        self.q = q
+        self.by_prompt = {p.prompt: p for p in problems}
+
+    def lines(self, text: str, seed: int, j: int, *, greedy: bool, whole: bool) -> list[tuple[str, float]]:
+        """Every remaining step, each right with probability ``q`` (drawn in turn), then the answer line."""
+        prompt = next(p for p in self.by_prompt if text.startswith(p))
+        problem = self.by_prompt[prompt]
+        done = [ln for ln in text[len(prompt) :].split("\n") if ln]
+        rng = random.Random(f"{seed}:{j}")
+        ops = problem.metadata["ops"]
+        value = int(problem.metadata["start"])
+        for line in done:
+            st = parse_step(line)
+            if st is not None:
+                value = st.result
+        out = []
+        for i in range(len(done), len(ops)):
+            op, arg = ops[i]
+            right = {"+": value + arg, "-": value - arg, "*": value * arg}[op]
+            correct = (self.q >= 0.5) if greedy else rng.random() < self.q
+            result = right if correct else right + 1
+            out.append((f"Step {i + 1}: {value}{op}{arg}={result}\n", self.q if correct else 1 - self.q))
+            value = result
+        out.append((f"Answer: {value}", 1.0))
+        return out

@@ -17,8 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import StepBandit
-from treeward.engine.base import Continuation, Ledger
+from tests.fakes import CharPolicy, StepBandit
 from treeward.rewards.base import RewardResult, Sample, Status
 from treeward.search.core import SearchError, grade
 from treeward.search.dts import TiltedDraw, dts, dts_star, greedy_child, tilted_probabilities
@@ -30,7 +29,6 @@ from treeward.tree import Node, Problem, Tree
 
 STEPS = ArithmeticSteps()
 GOLDEN = Path(__file__).parent / "golden"
-EOS = 3
 
 ALGORITHMS: dict[str, Callable[..., list[Tree]]] = {
     "tot_bfs": tot_bfs,
@@ -57,70 +55,18 @@ def _accuracy(trees: list[Tree]) -> float:
 
 
 # ---------------------------------------------------------------------- fakes
-class _CharPolicy:
-    """Shared by the fakes below: tokens are characters (``id = ord(c)``), EOS follows an answer line, the ledger
-    books generated tokens. Subclasses say which lines follow a prefix (``lines(done, seed)``)."""
+class _CharPolicy(CharPolicy):
+    """The fakes below: prompt ``"Q\\n"``, no BOS; subclasses say which lines follow the lines written so far
+    (``next_lines(done, seed, whole)``)."""
 
     prompt = "Q\n"
 
-    def __init__(self) -> None:
-        self.ledger = Ledger()
-        self.calls: list[int] = []
+    def lines(self, text: str, seed: int, j: int, *, greedy: bool, whole: bool) -> list[tuple[str, float]]:
+        done = tuple(ln + "\n" for ln in text[len(self.prompt) :].split("\n")[:-1])
+        return self.next_lines(done, seed * 7919 + j, whole)
 
-    @property
-    def eos_token_id(self) -> int:
-        return EOS
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return self.encode(text)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return "".join(chr(t) for t in token_ids if t != EOS)
-
-    def lines(self, done: tuple[str, ...], seed: int, whole: bool) -> list[tuple[str, float]]:
+    def next_lines(self, done: tuple[str, ...], seed: int, whole: bool) -> list[tuple[str, float]]:
         """(line, probability) of the next line, or of every line to the answer when ``whole``."""
-        raise NotImplementedError
-
-    def expand(
-        self,
-        prefixes: Sequence[Sequence[int]],
-        *,
-        n: int = 1,
-        max_new_tokens: int | Sequence[int] = 64,
-        temperature: float = 1.0,
-        stop: str | None = "\n",
-        seeds: int | Sequence[int] = 0,
-        groups: Sequence[str] | None = None,
-    ) -> list[list[Continuation]]:
-        caps = [max_new_tokens] * len(prefixes) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        seed_list = [seeds] * len(prefixes) if isinstance(seeds, int) else list(seeds)
-        self.ledger.book_call(list(groups or []))
-        self.calls.append(len(prefixes) * n)
-        out = []
-        for i, prefix in enumerate(prefixes):
-            text = self.decode(prefix)[len(self.prompt) :]
-            done = tuple(ln + "\n" for ln in text.split("\n")[:-1])
-            row = []
-            for j in range(n):
-                lines = self.lines(done, seed_list[i] * 7919 + j, whole=stop is None)
-                ids: list[int] = []
-                lps: list[float] = []
-                for line, prob in lines:
-                    toks = self.encode(line) + ([EOS] if line.startswith("Answer") else [])
-                    ids.extend(toks)
-                    lps.extend([math.log(prob)] + [0.0] * (len(toks) - 1))
-                finish = "eos" if ids and ids[-1] == EOS else "stop"
-                if len(ids) > caps[i]:
-                    ids, lps, finish = ids[: caps[i]], lps[: caps[i]], "length"
-                row.append(Continuation(tuple(ids), self.decode(ids), tuple(lps), finish))  # type: ignore[arg-type]
-                self.ledger.book(groups[i] if groups else None, generated=len(ids))
-            out.append(row)
-        return out
-
-    def score(self, prefixes, continuations, *, groups=None):  # type: ignore[no-untyped-def]
         raise NotImplementedError
 
 
@@ -131,7 +77,7 @@ class TwoBranch(_CharPolicy):
         super().__init__()
         self.p_a = p_a
 
-    def lines(self, done: tuple[str, ...], seed: int, whole: bool) -> list[tuple[str, float]]:
+    def next_lines(self, done: tuple[str, ...], seed: int, whole: bool) -> list[tuple[str, float]]:
         if done:
             return [(f"Answer: {done[0][0].lower()}", 1.0)]
         a = random.Random(seed).random() < self.p_a
@@ -147,7 +93,7 @@ class Scripted(_CharPolicy):
         self.script = script
         self.served: dict[tuple[str, ...], int] = defaultdict(int)
 
-    def lines(self, done: tuple[str, ...], seed: int, whole: bool) -> list[tuple[str, float]]:
+    def next_lines(self, done: tuple[str, ...], seed: int, whole: bool) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         while True:
             options = self.script[done]
