@@ -22,6 +22,7 @@ from treeward.search.rollouts import (
     SlateBranching,
     even_split,
     finished_leaves,
+    path_surprise,
     slate_rollouts,
     step_surprise,
     thicken,
@@ -29,6 +30,7 @@ from treeward.search.rollouts import (
 )
 from treeward.search.rollouts import _semantic_fork as semantic_fork
 from treeward.tasks import ArithmeticAnswer, ArithmeticSteps, generate_problems
+from treeward.tasks.arithmetic import check_steps
 from treeward.tree import Node, Problem, Tree
 
 # Ann: 54, ×3, −34. Right lines: "Step 1: 54*3=162\n" (17 chars), "Step 2: 162-34=128\n" (19), "Answer: 128"
@@ -218,6 +220,64 @@ def test_entropy_rule_forks_before_the_most_uncertain_step() -> None:
     assert FixedBranching().fork_point(t, t.nodes[3]).id == 2  # TreePO fallback: the parent
 
 
+def test_path_surprise_is_the_most_surprising_token_so_far() -> None:
+    t = _chain([0.1, 2.0, 0.5])
+    # the root has no steps (0); node 1 sees 0.1; nodes 2 and 3 see step 2's 2.0
+    assert [path_surprise(t, n) for n in t.nodes] == [0.0, 0.1, 2.0, 2.0]
+
+
+def test_surprise_gate_keeps_confident_branching_only_by_hand() -> None:
+    # q = 0.25: a right line has surprise ln 4 ≈ 1.39 (above the gate of 1.0), a wrong one ln 4/3 ≈ 0.29
+    # (below). The root (no steps) branches into two step-1 children owing 2 leaves each. A right child is
+    # gated: it runs as a chain (one step 2, one answer line), that leaf finishes owing 1 more, and the owed
+    # leaf is sampled from the answer line's parent: 17 + 19 + 2 × 12 = 60 tokens, 1 fork node. A wrong child
+    # branches as TreePO does: 17 + 2 × 19 + 2 × 12 = 79 tokens, no fork.
+    kinds = set()
+    for seed in range(8):
+        policy = StepBandit([P2], q=0.25)
+        [tree] = tree_rollouts([P2], policy, leaves=4, branch_on=FixedBranching(max_surprise=1.0), seed=seed)
+        step1 = tree.children(0)
+        right = [step_surprise(c) > 1.0 for c in step1]
+        assert len(step1) == 2
+        assert [len(tree.children(c.id)) for c in step1] == [1 if r else 2 for r in right]
+        assert tree.generated_tokens == sum(60 if r else 79 for r in right)
+        assert sum(1 for n in tree.nodes if n.metadata.get("fork")) == sum(right)
+        assert len(finished_leaves(tree)) == 4
+        tree.validate()
+        kinds.add(tuple(sorted(right)))
+    assert len(kinds) >= 2  # gated and ungated children both occur among these seeds
+    # no token is surprising enough (q = 1/2: every line ln 2 ≈ 0.69 ≤ 1.0): plain TreePO, as the default
+    policy = StepBandit([P2], q=0.5)
+    [gated] = tree_rollouts([P2], policy, leaves=4, branch_on=FixedBranching(max_surprise=1.0))
+    [plain] = tree_rollouts([P2], StepBandit([P2], q=0.5), leaves=4)
+    assert _shape([gated]) == _shape([plain]) and _depths(gated) == [1, 2, 4, 4]
+
+
+def test_surprise_gate_does_not_tilt_what_a_leaf_says() -> None:
+    # the gate looks only at a tip's own path, never at the children it samples, so every leaf is still a
+    # policy sample: with StepBandit each step is right with probability q = 0.25 on its own, whatever came
+    # before, so about a quarter of the leaves' step-k lines are right at every k, gated or not. 300 trees of
+    # 4 leaves: even if the 4 leaves of a tree agreed, the sd of the fraction is √(0.25 · 0.75 / 300) ≈ 0.025;
+    # the bound is 3 sd. (A rule that moved leaves towards confident paths, as TreePO's softmax over a level
+    # does, would put fewer than a quarter under right lines: here the wrong lines are the confident ones.)
+    problems = generate_problems(300, 3, seed=5)
+    trees = tree_rollouts(
+        problems, StepBandit(problems, q=0.25), leaves=4, branch_on=FixedBranching(max_surprise=1.0)
+    )
+    gated = sum(1 for t in trees for n in t.nodes if not n.terminal and len(t.children(n.id)) == 1)
+    assert gated > 300  # the gate did act: many tips ran as chains
+    right = [0, 0, 0]
+    n_leaves = 0
+    for t in trees:
+        for leaf in finished_leaves(t):
+            ok = check_steps(t.problem, t.steps(leaf.id))
+            n_leaves += 1
+            for k in range(3):
+                right[k] += ok[k]
+    assert n_leaves == 1200
+    assert all(abs(r / n_leaves - 0.25) < 0.075 for r in right), [r / n_leaves for r in right]
+
+
 def test_entropy_rollouts_fork_before_the_most_surprising_step() -> None:
     # q = 0.25: a right line's first token has surprise ln 4 ≈ 1.39, a wrong one's ln 4/3 ≈ 0.29, an answer's 0
     where = set()
@@ -332,7 +392,13 @@ def test_segment_early_stop_judges_complete_lines_only() -> None:
 
 
 # ---------------------------------------------------------------------- properties
-RULES = {"fixed": "fixed", "entropy": "entropy", "late": FixedBranching(start=1)}
+RULES = {
+    "fixed": "fixed",
+    "entropy": "entropy",
+    "late": FixedBranching(start=1),
+    "gated": FixedBranching(max_surprise=1.0),
+    "late gated": FixedBranching(start=1, max_surprise=0.5),
+}
 
 
 @settings(max_examples=40, deadline=None)
@@ -477,6 +543,16 @@ def test_bad_knobs_raise_one_clear_error(kw: dict, match: str) -> None:  # type:
         tree_rollouts([P2], StepBandit([P2]), **kw)
 
 
+@pytest.mark.parametrize(
+    ("kw", "match"), [({"start": -1}, "start is a level ≥ 0"), ({"max_surprise": -0.5}, "max_surprise")]
+)
+def test_bad_fixed_branching_knobs_raise_one_clear_error(kw: dict, match: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(SearchError, match=match):
+        FixedBranching(**kw)
+    with pytest.raises(SearchError, match="max_surprise"):
+        FixedBranching(max_surprise=math.nan)
+
+
 def test_a_rule_that_loses_leaves_is_refused() -> None:
     class Leaky(SlateBranching):
         def split(self, tree: Tree, tip: Node, quota: int, level: int, factor: int) -> list[int]:
@@ -504,3 +580,28 @@ def test_tree_rollouts_on_the_shipped_policy() -> None:
     # the root's children share the prompt's prefill: the cache served positions instead of computing them
     assert policy.ledger.total.reused > 0
     assert math.isfinite(sum(n.logprob for t in trees for n in t.nodes))
+
+
+def test_gated_segments_on_the_shipped_policy() -> None:
+    # the configuration the benchmark recommends for tree RL: segments of 24 tokens, surprise gate 2
+    problems = generate_problems(3, 4, seed=1)
+    policy = HFPolicy.from_pretrained(SHIPPED_POLICY)
+    trees = tree_rollouts(
+        problems,
+        policy,
+        leaves=8,
+        seed=0,
+        branching="segment",
+        segment_tokens=24,
+        max_depth=5,
+        branch_on=FixedBranching(max_surprise=2.0),
+    )
+    for t in trees:
+        t.validate()
+        assert len(finished_leaves(t)) == 8 == len(t.terminals())  # exactly the leaf budget
+        assert t.ledger["generated"] == t.generated_tokens  # shared prefixes generated once
+        for n in t.nodes:
+            # two children not sampled for owed leaves came from one split: the gate let that tip branch
+            split = [c for c in t.children(n.id) if not c.metadata.get("fork")]
+            if len(split) > 1:
+                assert path_surprise(t, n) <= 2.0

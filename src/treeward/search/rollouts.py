@@ -61,6 +61,7 @@ __all__ = [
     "SlateBranching",
     "even_split",
     "finished_leaves",
+    "path_surprise",
     "slate_rollouts",
     "step_surprise",
     "thicken",
@@ -97,6 +98,11 @@ def step_surprise(node: Node) -> float:
     return max((-lp for lp in node.logprobs), default=0.0)
 
 
+def path_surprise(tree: Tree, node: Node) -> float:
+    """The largest :func:`step_surprise` of the steps from the root to ``node`` (0 at the root)."""
+    return max((step_surprise(n) for n in tree.path(node.id)[1:]), default=0.0)
+
+
 class BranchRule(Protocol):
     """Where a rollout tree branches. Both methods are pure functions of the tree."""
 
@@ -117,12 +123,33 @@ class FixedBranching:
     """TreePO's fixed divergence (arXiv 2508.17445; its rollout's ``fixed_step_width``): from level ``start``
     on, every tip that owes more than one leaf branches into ``min(factor, quota)`` children with even shares;
     before ``start`` paths run as chains, so the first ``start`` steps are shared by every leaf. Owed leaves
-    are re-sampled from the parent of the node that owed them (TreePO's fallback by one segment)."""
+    are re-sampled from the parent of the node that owed them (TreePO's fallback by one segment).
+
+    ``max_surprise``: a tip whose :func:`path_surprise` (the most surprising token of its path so far) is above
+    it runs as a chain, so that branching is spent on paths the policy wrote confidently: a path with a
+    surprising step is likely wrong already, and so is every leaf below it, branched or not. After TreePO's
+    probability-driven divergence (its ``inverse_node_logprob_weighted_div``: more branches for paths of higher
+    log-probability). Departures: TreePO shares one divergence budget among a level's live paths by a softmax
+    of their last segment's mean log-probability; here each tip decides alone, from its own path, with a hard
+    threshold on the largest token surprise. The decision never looks at the children a tip samples, so it
+    does not tilt which next step a leaf takes (a leaf is still a policy sample; only which leaves share a
+    prefix changes); the default (``inf``) is plain TreePO."""
 
     start: int = 0
+    max_surprise: float = math.inf
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            raise SearchError(f"FixedBranching.start is a level ≥ 0, got {self.start}")
+        if math.isnan(self.max_surprise) or self.max_surprise < 0:
+            raise SearchError(
+                f"FixedBranching.max_surprise is a surprise (-log p) ≥ 0 or inf, got {self.max_surprise}"
+            )
 
     def split(self, tree: Tree, tip: Node, quota: int, level: int, factor: int) -> list[int]:
         if level < self.start or quota == 1:
+            return [quota]
+        if self.max_surprise < math.inf and path_surprise(tree, tip) > self.max_surprise:
             return [quota]
         return even_split(quota, min(factor, quota))
 
@@ -463,6 +490,8 @@ def tree_rollouts(
       ``max_token_per_step``, 512) instead of steps; ``max_depth`` bounds the levels (steps or segments).
       ``early_stop``: dead branches (``early_stop`` scores the path below ``stop_below``, or cannot parse it)
       stop growing and their leaves are sampled anew at the rule's fork point.
+      ``branch_on=FixedBranching(start=..., max_surprise=...)`` delays the first branching or keeps paths with a
+      surprising step as chains (TreePO's probability-driven divergence).
     * **TreeRL / EPTree** (Hou et al., ACL 2025): ``branch_on="entropy"`` (:class:`EntropyBranching`) forks
       where the policy was most uncertain.
     * **ROSE** ("semantically diverse explorations"): ``semantic_key`` sends owed leaves to the ancestor whose
