@@ -49,6 +49,12 @@ Departures:
   the reward clipped to [0, 1]), as the paper's exact mapping is not restated here. RAPO's entropy bonus is
   ``entropy_coef`` (off by default).
 * Accuracy in the log is the fraction of scored leaves with score >= 1 (the exact-answer rewards' "correct").
+
+Parity with TRL: with :class:`IndependentSampler`, :func:`~treeward.credit.advantages.grpo` and the defaults
+(token-mean, ``clip_eps=0.2``, no KL, one epoch of one minibatch, AdamW without weight decay, grad norm clipped to
+1), a step on a batch of completions is the step ``trl.GRPOTrainer`` takes on the same completions with
+``loss_type="dapo"``, ``scale_rewards="group"``, ``beta=0`` and a constant learning rate: same advantages, loss,
+gradient and new weights up to float rounding (``tests/test_train_pg.py`` checks it against the installed TRL).
 """
 
 from __future__ import annotations
@@ -344,16 +350,29 @@ def _score_leaves(trees: Sequence[Tree], reward: Reward) -> list[dict[int, float
 
 
 def evaluate(
-    policy: Policy, problems: Sequence[Problem], reward: Reward, *, max_tokens: int = 96, seed: int = 0
+    policy: Policy,
+    problems: Sequence[Problem],
+    reward: Reward,
+    *,
+    max_tokens: int = 96,
+    seed: int = 0,
+    temperature: float = 0.0,
+    samples: int = 1,
 ) -> float:
-    """Greedy accuracy: the fraction of ``problems`` whose greedy solution scores >= 1 (a failed score counts as
-    wrong)."""
+    """Accuracy: the fraction of solutions that score >= 1 (a failed score counts as wrong). By default greedy, one
+    solution per problem; ``temperature > 0`` with ``samples`` solutions per problem (seeded by ``seed``) gives the
+    sampled accuracy, the quantity policy-gradient training raises directly (mean pass@1 at that temperature)."""
     if not problems:
         raise PGError("evaluate needs at least one problem")
-    trees = IndependentSampler(n=1, max_tokens=max_tokens, temperature=0.0)(problems, policy, seed=seed)
-    scores = _score_leaves(trees, reward)
+    if samples < 1 or (temperature == 0 and samples != 1):
+        raise PGError(
+            f"evaluate needs samples >= 1, and samples == 1 when temperature == 0 (greedy solutions are all the "
+            f"same), got samples={samples}, temperature={temperature}"
+        )
+    sampler = IndependentSampler(n=samples, max_tokens=max_tokens, temperature=temperature)
+    scores = _score_leaves(sampler(problems, policy, seed=seed), reward)
     correct = sum(1 for s in scores for v in s.values() if v is not None and v >= 1.0)
-    return correct / len(problems)
+    return correct / (len(problems) * samples)
 
 
 # ====================================================================================================================
@@ -820,7 +839,10 @@ def main(argv: Sequence[str] | None = None) -> list[PGStep]:
     p.add_argument("--model", default=str(SHIPPED_POLICY), help="a from_pretrained folder (default: shipped)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument(
-        "--lr", type=float, default=5e-5, help="5e-5 is stable for the shipped policy; 2e-4 collapses it"
+        "--lr",
+        type=float,
+        default=2e-5,
+        help="at 5e-5 the shipped policy loses ~10 points of greedy accuracy in 12 steps (TRL's trainer too)",
     )
     p.add_argument(
         "--difficulty", type=int, nargs="+", default=[4], help="arithmetic step counts to train on"
