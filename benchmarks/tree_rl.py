@@ -11,6 +11,8 @@ for the right ``Answer:``), learning rate, group size (``--leaves`` completions 
 * **tree-GRPO**: :func:`~treeward.train.pg.train_pg` with :func:`~treeward.search.rollouts.tree_rollouts`
   (TreePO-style fixed branching by 2 at every step, ``leaves`` finished leaves per tree, shared prefixes generated
   once) and :func:`~treeward.credit.advantages.treerpo` (TreeRPO's step-level sibling z-scores).
+* **tree-GRPO seg24**: the same with the 0.49×-tokens-per-leaf rollouts
+  of ``benchmarks/tree_rollouts.py`` (TreePO segments of 24 tokens, ``FixedBranching(max_surprise=2.0)``).
 * **our GRPO**: :func:`~treeward.train.pg.train_pg` with :class:`~treeward.train.pg.IndependentSampler` (``leaves``
   whole solutions per problem) and :func:`~treeward.credit.advantages.grpo` (std-scaled group z-scores).
 * **TRL GRPO**: ``trl.GRPOTrainer`` with ``to_trl(ArithmeticAnswer())``; TRL's defaults otherwise match ours: loss
@@ -72,7 +74,7 @@ from treeward._paths import SHIPPED_POLICY
 from treeward.credit.advantages import grpo, treerpo
 from treeward.engine.hf import HFPolicy
 from treeward.rewards.adapters import TRLReward, to_trl
-from treeward.search.rollouts import tree_rollouts
+from treeward.search.rollouts import FixedBranching, tree_rollouts
 from treeward.tasks import ArithmeticAnswer, generate_problems
 from treeward.train.pg import IndependentSampler, PGStep, evaluate, step_problems, train_pg
 from treeward.tree import Problem
@@ -81,7 +83,7 @@ TRAIN_SEED = 0
 HELD_SEED = 1
 DIFFICULTY = 4
 MAX_TOKENS = 96  # per whole solution (20 × 4 steps + 12 is 92; the train_pg CLI's default 96)
-METHODS = ("tree-GRPO", "our GRPO", "TRL GRPO")
+METHODS = ("tree-GRPO", "our GRPO", "TRL GRPO", "tree-GRPO seg24")
 
 
 def held_out(policy: HFPolicy, held: Sequence[Problem], sampled: int) -> dict[str, float | None]:
@@ -132,6 +134,12 @@ def run_ours(
     if method == "tree-GRPO":
         sampler: Any = partial(tree_rollouts, leaves=leaves)
         advantage: Any = treerpo
+    elif method == "tree-GRPO seg24":  # the 0.49x-tokens-per-leaf rollouts of benchmarks/tree_rollouts.py
+        gate = FixedBranching(max_surprise=2.0)
+        sampler = partial(
+            tree_rollouts, leaves=leaves, branching="segment", segment_tokens=24, max_depth=5, branch_on=gate
+        )
+        advantage = treerpo
     else:
         sampler = IndependentSampler(n=leaves, max_tokens=MAX_TOKENS)
         advantage = grpo
