@@ -429,7 +429,8 @@ def test_math_verify_workers_do_not_leak(pool: MathVerify) -> None:
     # a pickled copy carries no processes; it starts its own, and they die with it (finalizer on collection)
     copy = pickle.loads(pickle.dumps(pool))
     assert copy.worker_pids == [] and copy.workers == 2
-    copy.deadline_s = 60.0  # this test is about processes, not deadlines: a loaded CI machine must not time it out
+    # this test is about processes, not deadlines: a loaded CI machine must not time it out
+    copy.deadline_s = 60.0
     # first called from a thread that then ends: on Linux the kernel kills workers with the thread that started
     # them (PR_SET_PDEATHSIG); the next call notices and starts new ones instead of waiting forever
     got: list[float | None] = []
