@@ -461,6 +461,21 @@ def selftrain(
         int, typer.Option(help="Held-out 4-step problems for the search accuracy.")
     ] = 50,
     epochs: Annotated[int, typer.Option(help="Policy training passes per iteration.")] = 2,
+    train_steps: Annotated[
+        str, typer.Option(help="Training step counts, comma-separated and cycled; repeat one to weight it.")
+    ] = "2,3,4",
+    lr: Annotated[
+        float | None, typer.Option(help="Policy learning rate (default: 3e-5 SFT, 1e-5 DPO).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(help="SFT warm-up steps (rest-mcts, rest-em).")] = 0,
+    restart_from_base: Annotated[
+        bool | None,
+        typer.Option(help="Train each round from the base weights (default: the paper's choice per method)."),
+    ] = None,
+    mix_traces: Annotated[
+        bool | None,
+        typer.Option(help="Train on every round's verified traces so far (default: the paper's choice)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of problems, sampling and training.")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
@@ -474,6 +489,10 @@ def selftrain(
 
     if threads is not None and threads < 1:
         _fail(f"--threads must be ≥ 1, got {threads}")
+    try:
+        steps = tuple(int(s) for s in train_steps.split(",") if s.strip())
+    except ValueError:
+        _fail(f"--train-steps takes comma-separated step counts such as 2,3,4,4, got {train_steps!r}")
     if threads is not None:
         import torch
 
@@ -489,6 +508,11 @@ def selftrain(
             eval_problems=eval_problems,
             search_problems=search_problems,
             epochs=epochs,
+            train_steps=steps,
+            lr=lr,
+            warmup=warmup,
+            restart_from_base=restart_from_base,
+            mix_traces=mix_traces,
             seed=seed,
             initial_prm=prm,
             log=lambda line: typer.echo(line, err=True),

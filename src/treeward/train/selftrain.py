@@ -8,10 +8,12 @@ with the exact outcome verifier, trains, evaluates on fixed held-out problems, a
   Process Reward Guided Tree Search"). Search with MCTS* (:func:`~treeward.search.mcts.mcts_star`) guided by the
   current PRM → grade → inferred values (:func:`~treeward.credit.values.rest_values`) → train the PRM
   (:func:`~treeward.train.prm.fit_prm`) and the policy (:func:`~treeward.train.sft.train_sft` on the verified
-  traces, :func:`~treeward.credit.pairs.sft_examples`).
+  traces, :func:`~treeward.credit.pairs.sft_examples`). As in the paper's loop, the policy goes on from the
+  previous iteration's weights and trains on the verified traces of every iteration so far (``mix_traces``).
 * ``"rest-em"``: **ReST-EM** (Singh et al. 2023, "Beyond Human Data: Scaling Self-Training for Problem-Solving with
   Language Models"). Best-of-N samples (:func:`~treeward.search.bon.best_of_n`) → keep the outcome-correct ones →
-  SFT. No PRM.
+  SFT. No PRM. As in the paper, every iteration fine-tunes the *base* model (``restart_from_base``) on that
+  iteration's samples only, drawn from the previous iteration's policy.
 * ``"mcts-dpo"``: **iterative MCTS-DPO** (Xie et al. 2024, "Monte Carlo Tree Search Boosts Reasoning via Iterative
   Preference Learning"). MCTS* trees → Monte-Carlo step values → sibling step pairs completed to whole responses
   (:func:`~treeward.credit.pairs.step_pairs` with ``complete=True``) → step-level DPO
@@ -26,16 +28,18 @@ The table (one :class:`IterationRow` per iteration; iteration 0 is the starting 
 held-out problems at each of ``eval_steps``, search accuracy at ``search_steps`` steps (MCTS* with the current PRM
 when the method has one, else self-consistency best-of-N at the same budget), the PRM's step-level ROC AUC against
 the exact step verifier on those search trees, samples and tokens generated for training, examples trained on,
-and wall minutes.
+and wall and CPU minutes (per phase too).
 
 Files under ``out_dir``: ``config.json`` (the run's knobs), ``iter_k/state.json`` (row ``k`` and what was saved,
 written last and atomically: an iteration without it did not finish), ``iter_k/policy`` and ``iter_k/prm``
-(``from_pretrained`` folders), ``table.json`` and ``table.md``. Calling :func:`selftrain` again with the same
+(``from_pretrained`` folders), ``iter_k/traces.jsonl`` (the iteration's verified traces, SFT methods; what
+``mix_traces`` reads back on resume), ``table.json`` and ``table.md``. Calling :func:`selftrain` again with the same
 arguments and ``out_dir`` resumes after the last finished iteration; different arguments are refused.
 
-Departures from the papers, all three: tiny budgets (tens of problems an iteration, a few SFT epochs); every
-iteration continues from the previous iteration's weights (ReST-EM restarts from the base model each iteration;
-ReST-MCTS* mixes data across iterations), trained on this iteration's data only. ReST-MCTS*: the PRM learns the
+Departures from the papers, all three: tiny budgets (hundreds of problems an iteration, a few SFT epochs at a
+constant learning rate); the weight and data rules (``restart_from_base``, ``mix_traces``) default to each paper's
+and can be swapped to compare like with like; ReST-MCTS*'s ``D_G`` starts empty (no human-written traces to mix
+in). ReST-MCTS*: the PRM trains further on each iteration's trees only (no mixing of value data), and it learns the
 per-step chance of reaching the right answer (Math-Shepherd's soft Monte-Carlo estimate, ``prm_data(values="mc")``),
 which is what MCTS* reads as the process reward ``r_k`` and turns into the paper's quality value with the reasoning
 distance; the paper's value model regresses the quality value itself. The inferred values
@@ -56,7 +60,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +69,7 @@ from treeward.rewards.base import RewardResult, Sample, Status
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from treeward.credit.records import SFTExample
     from treeward.engine.hf import HFPolicy
     from treeward.rewards.base import Reward
     from treeward.tree import Problem, Tree
@@ -102,10 +107,15 @@ class IterationRow:
     ``samples``           terminal paths generated on the training problems this iteration (0 at iteration 0).
     ``generated_tokens``  tokens generated on the training problems this iteration.
     ``solved``            training problems with at least one correct terminal.
-    ``train_examples``    records the policy trained on (SFT traces or DPO pairs).
+    ``train_examples``    records the policy trained on (SFT traces or DPO pairs; with ``mix_traces``, the
+                          verified traces of every iteration so far).
+    ``new_examples``      records this iteration's trees gave (before mixing).
     ``prm_examples``      paths the PRM trained on (0 for methods without a PRM).
     ``train_loss``        [first, last] policy loss of the iteration's training, ``None`` when there was none.
     ``minutes``           wall minutes of the iteration (collection, training, evaluation).
+    ``cpu_minutes``       CPU minutes of this process over the iteration (every thread; ``time.process_time``).
+    ``phase_cpu``         dict[str, float]: CPU minutes per phase: ``"collect"`` (search and grading), ``"prm"``
+                          (PRM training, ``rest-mcts``), ``"policy"`` (policy training), ``"eval"``.
     """
 
     iteration: int
@@ -118,9 +128,12 @@ class IterationRow:
     generated_tokens: int = 0
     solved: int = 0
     train_examples: int = 0
+    new_examples: int = 0
     prm_examples: int = 0
     train_loss: tuple[float, float] | None = None
     minutes: float = 0.0
+    cpu_minutes: float = 0.0
+    phase_cpu: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IterationRow:
@@ -160,11 +173,14 @@ def selftrain(
     lr: float | None = None,
     epochs: int = 2,
     batch_size: int = 16,
+    warmup: int = 0,
     beta: float = 0.1,
     prm_epochs: int = 2,
     prm_lr: float = 1e-3,
     max_traces: int = 4,
     temperature: float = 1.0,
+    restart_from_base: bool | None = None,
+    mix_traces: bool | None = None,
     log: Callable[[str], None] | None = print,
 ) -> list[IterationRow]:
     """Run (or resume) ``iterations`` rounds of self-training of the policy at ``policy_path``; returns the table.
@@ -179,7 +195,10 @@ def selftrain(
         iterations: search-and-train rounds (≥ 1).
         problems_per_iter: fresh training problems each round, cycling through ``train_steps`` step counts.
         samples_per_problem: the per-problem budget in whole solutions: ``samples_per_problem × cap`` tokens.
-        seed: seeds problems, sampling and training (each iteration derives its own).
+        train_steps: step counts of the training problems, cycled; repeat one to weight it (``(2, 3, 4, 4)``:
+            half the problems 4-step). Every problem gets the budget of the largest.
+        seed: seeds problems, sampling and training; iteration ``k`` samples and trains with seed
+            ``1000·seed + k``.
         eval_problems, eval_steps: held-out problems per step count for greedy accuracy.
         search_problems, search_steps: held-out problems for the search accuracy (and the PRM AUC).
         initial_prm: a PRM folder (``ProcessRewardModel``) to search with in the first round and to train on from
@@ -187,12 +206,22 @@ def selftrain(
             ``rest-mcts`` builds its first PRM from ``policy_path``'s backbone.
         lr: the policy's learning rate; ``None``: 3e-5 for SFT, 1e-5 for DPO (1e-4 degraded the shipped policy
             in a measured ReST-EM / ReST-MCTS* round: its own correct traces have a loss of ~0.03, so Adam's
-            normalised steps are mostly noise).
+            normalised steps are mostly noise; measured again on 226 traces, 1e-4 lowered 4-step greedy
+            accuracy with or without warm-up, 3e-5 raised it).
         epochs, batch_size: policy training passes and batch size (SFT traces or DPO pairs).
+        warmup: optimiser steps of linear learning-rate warm-up of each round's SFT (SFT methods only; a non-zero
+            value with ``mcts-dpo`` is refused, its trainer has none).
         beta: DPO's β.
         prm_epochs, prm_lr: PRM training (``rest-mcts``).
         max_traces: most verified traces per problem kept for SFT.
         temperature: sampling temperature of the training searches.
+        restart_from_base: train each round's policy from the weights at ``policy_path`` (ReST-EM fine-tunes the
+            base model at every iteration, against over-fitting and drift), not from the previous round's; the
+            samples still come from the previous round's policy. ``None``: the paper's choice, True for
+            ``rest-em``, False for the other two.
+        mix_traces: train on the verified traces of every round so far (ReST-MCTS*'s growing trace set; without
+            duplicates, oldest first), not only this round's. ``None``: the paper's choice, True for
+            ``rest-mcts``, False for ``rest-em``. SFT methods only: True with ``mcts-dpo`` is refused.
         log: progress lines (``None``: silent).
     """
     say = log if log is not None else _silent
@@ -213,12 +242,16 @@ def selftrain(
         lr=lr,
         epochs=epochs,
         batch_size=batch_size,
+        warmup=warmup,
         beta=beta,
         prm_epochs=prm_epochs,
         prm_lr=prm_lr,
         max_traces=max_traces,
         temperature=temperature,
+        restart_from_base=restart_from_base,
+        mix_traces=mix_traces,
     )
+    restart, mix = bool(cfg["restart_from_base"]), bool(cfg["mix_traces"])
     out = Path(out_dir)
     _claim(out, cfg)
     rows, policy_from, prm_from = _resume(out, Path(policy_path), initial_prm)
@@ -244,15 +277,19 @@ def selftrain(
         samples=samples_per_problem,
     )
     if not rows:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         row = evaluation.run(policy, prm_from, method=method, iteration=0, seed=seed)
-        row = replace(row, minutes=(time.perf_counter() - t0) / 60)
+        cpu = (time.process_time() - c0) / 60
+        row = replace(row, minutes=(time.perf_counter() - t0) / 60, cpu_minutes=cpu, phase_cpu={"eval": cpu})
         _checkpoint(out, row, policy=None, prm=prm_from)
         rows.append(row)
         say(format_table(rows))
     policy_lr = lr if lr is not None else (1e-5 if method == "mcts-dpo" else 3e-5)
+    pool = (
+        [e for j in range(1, rows[-1].iteration + 1) for e in _load_traces(out / f"iter_{j}")] if mix else []
+    )
     for k in range(rows[-1].iteration + 1, iterations + 1):
-        t0 = time.perf_counter()
+        t0, clock = time.perf_counter(), _Clock()
         torch.manual_seed(seed * 1000 + k)
         problems = _training_problems(problems_per_iter, train_steps, seed=seed, iteration=k, cfg=evaluation)
         cap = _cap(max(train_steps))
@@ -276,38 +313,62 @@ def selftrain(
             "generated_tokens": int(sum(t.ledger.get("generated", 0) for t in trees)),
             "solved": sum(any((n.outcome or 0.0) >= 1.0 for n in t.terminals()) for t in trees),
         }
+        clock.lap("collect")
         say(
             f"iteration {k}: {stats['samples']} samples, {stats['generated_tokens']} tokens, "
-            f"{stats['solved']}/{len(trees)} problems solved"
+            f"{stats['solved']}/{len(trees)} problems solved ({clock.phases['collect']:.2f} CPU-min)"
         )
         prm_examples = 0
         if method == "rest-mcts":
             prm_model, prm_examples = _train_prm(
                 trees, prm_model, prm_from, policy_from, prm_epochs, prm_lr, seed + k
             )
-        n_examples, loss = _train_policy(
-            method,
-            trees,
-            policy,
-            lr=policy_lr,
-            epochs=epochs,
-            batch_size=batch_size,
-            beta=beta,
-            max_traces=max_traces,
-            seed=seed * 1000 + k,
-        )
+            clock.lap("prm")
+        if restart:
+            policy = HFPolicy.from_pretrained(policy_path)
+        traces: list[SFTExample] | None = None
+        if method == "mcts-dpo":
+            n_examples, loss = _train_dpo(
+                trees,
+                policy,
+                lr=policy_lr,
+                epochs=epochs,
+                batch_size=batch_size,
+                beta=beta,
+                seed=seed * 1000 + k,
+            )
+            n_new = n_examples
+        else:
+            traces = _verified_traces(method, trees, max_traces)
+            pool = _mixed(pool, traces) if mix else traces
+            n_new = len(traces)
+            n_examples, loss = _train_sft(
+                pool,
+                policy,
+                lr=policy_lr,
+                epochs=epochs,
+                batch_size=batch_size,
+                warmup=warmup,
+                seed=seed * 1000 + k,
+            )
+        clock.lap("policy")
+        say(f"iteration {k}: trained on {n_examples} records ({n_new} new), loss {loss}")
         policy.clear_cache()
-        prm_path = _checkpoint_models(out, k, policy, prm_model, prm_from)
+        prm_path = _checkpoint_models(out, k, policy, prm_model, prm_from, traces)
         row = evaluation.run(policy, prm_path, method=method, iteration=k, seed=seed)
+        clock.lap("eval")
         row = replace(
             row,
             samples=stats["samples"],
             generated_tokens=stats["generated_tokens"],
             solved=stats["solved"],
             train_examples=n_examples,
+            new_examples=n_new,
             prm_examples=prm_examples,
             train_loss=loss,
             minutes=(time.perf_counter() - t0) / 60,
+            cpu_minutes=sum(clock.phases.values()),
+            phase_cpu=dict(clock.phases),
         )
         _checkpoint(out, row, policy=out / f"iter_{k}" / "policy", prm=prm_path)
         rows.append(row)
@@ -358,6 +419,20 @@ def _check_args(policy_path: str | os.PathLike[str], **kw: Any) -> dict[str, Any
             raise SelfTrainError(f"{name} must be a positive number, got {v!r}")
     if not (math.isfinite(kw["temperature"]) and kw["temperature"] > 0):
         raise SelfTrainError(f"temperature must be > 0 (training searches sample), got {kw['temperature']!r}")
+    for name in ("restart_from_base", "mix_traces"):
+        if kw[name] is not None and not isinstance(kw[name], bool):
+            raise SelfTrainError(f"{name} must be True, False or None (the paper's choice), got {kw[name]!r}")
+    if not isinstance(kw["warmup"], int) or kw["warmup"] < 0:
+        raise SelfTrainError(f"warmup must be an integer ≥ 0 (optimiser steps), got {kw['warmup']!r}")
+    if kw["warmup"] and kw["method"] == "mcts-dpo":
+        raise SelfTrainError(
+            "warmup applies to SFT; the DPO trainer has no warm-up: pass warmup=0 with mcts-dpo"
+        )
+    if kw["mix_traces"] and kw["method"] == "mcts-dpo":
+        raise SelfTrainError(
+            "mix_traces mixes verified SFT traces across rounds; mcts-dpo trains on preference pairs: "
+            "pass mix_traces=False or None with it"
+        )
     prm = kw["initial_prm"]
     if prm is not None and not (Path(prm) / "config.json").is_file():
         raise SelfTrainError(f"no PRM folder at {prm} (train one with treeward.train.prm, or pass None)")
@@ -368,6 +443,10 @@ def _check_args(policy_path: str | os.PathLike[str], **kw: Any) -> dict[str, Any
     cfg["policy_path"] = str(folder.resolve())
     cfg["initial_prm"] = None if prm is None else str(Path(prm).resolve())
     cfg["train_steps"], cfg["eval_steps"] = list(kw["train_steps"]), list(kw["eval_steps"])
+    if cfg["restart_from_base"] is None:
+        cfg["restart_from_base"] = kw["method"] == "rest-em"
+    if cfg["mix_traces"] is None:
+        cfg["mix_traces"] = kw["method"] == "rest-mcts"
     return cfg
 
 
@@ -415,18 +494,56 @@ def _resume(
 
 
 def _checkpoint_models(
-    out: Path, k: int, policy: HFPolicy, prm: PreTrainedModel | None, prm_from: Path | None
+    out: Path,
+    k: int,
+    policy: HFPolicy,
+    prm: PreTrainedModel | None,
+    prm_from: Path | None,
+    traces: Sequence[SFTExample] | None,
 ) -> Path | None:
-    """Save the policy (and a PRM trained this iteration) into ``iter_k``; returns the PRM folder to use next."""
+    """Save the policy, this iteration's verified traces (SFT methods; ``traces.jsonl``, what ``mix_traces``
+    reads back on resume) and a PRM trained this iteration into ``iter_k``; returns the PRM folder to use next."""
     from treeward.train.value import save_value_model
 
     folder = out / f"iter_{k}"
     folder.mkdir(parents=True, exist_ok=True)
     policy.model.save_pretrained(folder / "policy")
     policy.tokenizer.save_pretrained(folder / "policy")
+    if traces is not None:
+        tmp = folder / "traces.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(asdict(e)) + "\n" for e in traces))
+        os.replace(tmp, folder / "traces.jsonl")
     if prm is None:
         return prm_from
     return save_value_model(prm, policy.tokenizer, folder / "prm")
+
+
+def _load_traces(folder: Path) -> list[SFTExample]:
+    """The verified traces an iteration saved (empty for an iteration that saved none)."""
+    from treeward.credit.records import SFTExample
+
+    path = folder / "traces.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        ids = {"prompt_ids": tuple(d["prompt_ids"]), "completion_ids": tuple(d["completion_ids"])}
+        out.append(SFTExample(**{**d, **ids}))
+    return out
+
+
+class _Clock:
+    """CPU minutes of this process per phase: ``lap(name)`` books the time since the last lap under ``name``."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.process_time()
+
+    def lap(self, name: str) -> None:
+        now = time.process_time()
+        self.phases[name] = self.phases.get(name, 0.0) + (now - self._last) / 60
+        self._last = now
 
 
 def _checkpoint(out: Path, row: IterationRow, *, policy: Path | None, prm: Path | None) -> None:
@@ -462,9 +579,10 @@ def format_table(rows: Sequence[IterationRow]) -> str:
         "samples",
         "tokens",
         "solved",
-        "examples",
+        "examples (new)",
         "loss",
         "min",
+        "CPU min",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -476,9 +594,10 @@ def format_table(rows: Sequence[IterationRow]) -> str:
             str(r.samples),
             str(r.generated_tokens),
             str(r.solved),
-            str(r.train_examples),
+            f"{r.train_examples} ({r.new_examples})",
             "-" if r.train_loss is None else f"{r.train_loss[0]:.3f}→{r.train_loss[1]:.3f}",
             f"{r.minutes:.2f}",
+            f"{r.cpu_minutes:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return f"{rows[0].method}\n" + "\n".join(lines)
@@ -662,8 +781,59 @@ def _train_prm(
     return trained, len(rows)
 
 
-def _train_policy(
-    method: str,
+def _verified_traces(method: str, trees: Sequence[Tree], max_traces: int) -> list[SFTExample]:
+    """This round's SFT data: up to ``max_traces`` outcome-correct traces per problem, ranked by ReST-MCTS*'s
+    inferred values (``rest-mcts``: shortest correct reasoning first) or in sampling order (``rest-em``)."""
+    from treeward.credit.pairs import sft_examples
+    from treeward.credit.values import rest_values
+
+    if method == "rest-mcts":
+        return [e for t in trees for e in sft_examples(t, rest_values(t).values, max_per_problem=max_traces)]
+    return [e for t in trees for e in sft_examples(t, max_per_problem=max_traces)]
+
+
+def _mixed(pool: Sequence[SFTExample], new: Sequence[SFTExample]) -> list[SFTExample]:
+    """``pool`` then the traces of ``new`` it does not hold yet (same problem id and completion token ids)."""
+    seen = {(e.problem_id, tuple(e.completion_ids)) for e in pool}
+    out = list(pool)
+    for e in new:
+        key = (e.problem_id, tuple(e.completion_ids))
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def _train_sft(
+    traces: Sequence[SFTExample],
+    policy: HFPolicy,
+    *,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    warmup: int,
+    seed: int,
+) -> tuple[int, tuple[float, float] | None]:
+    """SFT on verified traces (ReST-MCTS*, ReST-EM), in place; returns the traces trained on and [first, last]
+    loss (0 and ``None`` when there were none)."""
+    from treeward.train.sft import train_sft
+
+    if not traces:
+        return 0, None
+    hist = train_sft(
+        policy.model,
+        policy.tokenizer,
+        traces,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        warmup=warmup,
+        seed=seed,
+    )
+    return len(traces), (hist.losses[0], hist.losses[-1])
+
+
+def _train_dpo(
     trees: Sequence[Tree],
     policy: HFPolicy,
     *,
@@ -671,40 +841,26 @@ def _train_policy(
     epochs: int,
     batch_size: int,
     beta: float,
-    max_traces: int,
     seed: int,
 ) -> tuple[int, tuple[float, float] | None]:
-    """SFT on verified traces (ReST-MCTS*, ReST-EM) or DPO on completed step pairs (MCTS-DPO), in place."""
-    from treeward.credit.pairs import sft_examples, step_pairs
-    from treeward.credit.values import mc_values, rest_values
+    """Step-level DPO on completed sibling step pairs (MCTS-DPO), in place, the reference being the policy as it
+    is now; returns the pairs trained on and [first, last] loss."""
+    from treeward.credit.pairs import step_pairs
+    from treeward.credit.values import mc_values
     from treeward.train.prefs import train_dpo
-    from treeward.train.sft import train_sft
 
-    if method == "mcts-dpo":
-        pairs = [p for t in trees for p in step_pairs(t, mc_values(t).values, complete=True)]
-        if not pairs:
-            return 0, None
-        hist = train_dpo(
-            policy.model,
-            None,
-            policy.tokenizer,
-            pairs,
-            lr=lr,
-            beta=beta,
-            epochs=epochs,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        return len(pairs), (hist.losses[0], hist.losses[-1])
-    if method == "rest-mcts":
-        traces = [
-            e for t in trees for e in sft_examples(t, rest_values(t).values, max_per_problem=max_traces)
-        ]
-    else:
-        traces = [e for t in trees for e in sft_examples(t, max_per_problem=max_traces)]
-    if not traces:
+    pairs = [p for t in trees for p in step_pairs(t, mc_values(t).values, complete=True)]
+    if not pairs:
         return 0, None
-    hist = train_sft(
-        policy.model, policy.tokenizer, traces, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed
+    hist = train_dpo(
+        policy.model,
+        None,
+        policy.tokenizer,
+        pairs,
+        lr=lr,
+        beta=beta,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
     )
-    return len(traces), (hist.losses[0], hist.losses[-1])
+    return len(pairs), (hist.losses[0], hist.losses[-1])

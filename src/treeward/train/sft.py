@@ -69,6 +69,7 @@ def train_sft(
     seed: int = 0,
     max_grad_norm: float | None = 1.0,
     weight_decay: float = 0.0,
+    warmup: int = 0,
 ) -> TrainHistory:
     """Fine-tune ``model`` in place on ``examples`` (prompt ids → completion ids); returns the per-step history.
 
@@ -84,9 +85,15 @@ def train_sft(
         seed: seeds the shuffling and, inside a forked RNG, any dropout; the global RNG is left as it was.
         max_grad_norm: clip the total gradient norm to this (``None``: no clipping).
         weight_decay: AdamW's decoupled weight decay.
+        warmup: optimiser steps of linear learning-rate warm-up from ``lr / warmup`` (0: none), as ``fit``.
+            A fresh AdamW's first steps move every weight by about ``lr`` whatever its gradient. (Measured on the
+            shipped policy, 226 of its own correct traces, 30 steps: lr 3e-5 took 4-step greedy accuracy from
+            0.40 to 0.44, lr 1e-4 lowered it, with or without 15 warm-up steps.)
     """
     pad_id = pad_id_of(tokenizer)
     check_knobs(lr=lr, epochs=epochs, batch_size=batch_size, max_grad_norm=max_grad_norm)
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0 optimiser steps, got {warmup}")
     if len(examples) == 0:
         raise TrainingDataError("train_sft got no examples: pass at least one SFTExample")
     vocab = vocab_size(model)
@@ -112,4 +119,5 @@ def train_sft(
         seed=seed,
         max_grad_norm=max_grad_norm,
         weight_decay=weight_decay,
+        warmup=warmup,
     )
