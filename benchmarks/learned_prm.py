@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/learned_prm.py --n-problems 200
 
+The PRM is any :class:`~treeward.rewards.model.ProcessRewardModel` folder (``--prm``; its head, token
+classification or LM label tokens, is read from the folder and recorded in the JSON).
+
 1. **Step AUC.** Tree rollouts (8 leaves, temperature 1) from the shipped policy on held-out problems (problems
    seed 1, 1–4 steps cycled; the PRM's training problems exclude every seed-1 prompt). Every step node that lies on
    a root-to-terminal path gets the PRM's step score (read once per node: the model is causal, so a step's score
@@ -186,6 +189,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "config": {k: str(v) for k, v in vars(args).items()},
+        "prm_head": prm.head,
         "step_auc": auc,
         "rows": rows,
         "ratios": ratios,

@@ -19,10 +19,12 @@ from treeward._paths import SHIPPED_POLICY, SHIPPED_RM
 from treeward.engine.hf import HFPolicy, ModelLoadError
 from treeward.rewards.base import Sample, Status
 from treeward.rewards.model import (
+    PRM_LABELS_KEY,
     ClassifierReward,
     EndogenousReward,
     ProcessRewardModel,
     encode_pieces,
+    prm_label_ids,
     split_steps,
     step_positions,
 )
@@ -256,6 +258,57 @@ def test_prm_reads_exactly_the_step_boundaries(prm_path: Path, prm_direct, tok) 
     assert all(abs(_sigmoid(logits[e - 1].item()) - w) > 1e-4 for e, w in zip(ends, want, strict=True))
     assert r.score == pytest.approx(min(want)) and r.components["steps"] == 3.0
     assert r.info["steps_from"] == "steps"
+
+
+@pytest.fixture(scope="module")
+def lm_prm_path(tmp_path_factory: pytest.TempPathFactory, tok) -> Path:  # type: ignore[no-untyped-def]
+    """An LM-head PRM: the shipped policy with label tokens named in its config and seeded random label rows."""
+    from treeward.train.prm import init_lm_prm
+
+    model = init_lm_prm(SHIPPED_POLICY)
+    good, bad = model.config.to_dict()[PRM_LABELS_KEY]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model.lm_head.weight[[good, bad]] = torch.randn(2, model.config.hidden_size) * 0.3
+    return save_value_model(model, tok, tmp_path_factory.mktemp("lmprm") / "lm-prm", dtype=torch.float32)
+
+
+def test_lm_head_prm_reads_two_label_tokens_at_the_step_ends(lm_prm_path: Path, tok) -> None:  # type: ignore[no-untyped-def]
+    prm = ProcessRewardModel(lm_prm_path)
+    r = prm([Sample(prompt=PROMPT, response="".join(STEPS), steps=STEPS)])[0]
+    assert prm.head == "lm"
+    direct = AutoModelForCausalLM.from_pretrained(lm_prm_path, dtype=torch.float32).eval()
+    good, bad = direct.config.to_dict()[PRM_LABELS_KEY]
+    prompt_ids = [tok.bos_token_id, *tok.encode(PROMPT, add_special_tokens=False)]
+    step_ids = [tok.encode(s, add_special_tokens=False) for s in STEPS]
+    ids = prompt_ids + [t for s in step_ids for t in s]
+    ends = r.info["positions"]
+    with torch.no_grad():
+        logits = direct(input_ids=torch.tensor([ids])).logits[0]
+    # step k's score: the softmax over the two label tokens at its last token, p(good) = σ(l_good − l_bad)
+    want = [torch.softmax(logits[e, [good, bad]], -1)[0].item() for e in ends]
+    assert list(r.step_scores) == pytest.approx(want, abs=1e-6)
+    assert r.score == pytest.approx(min(want))
+    # batched with other samples, the numbers do not move
+    samples = [
+        Sample(prompt=p.prompt, response=solution_text(p)) for p in generate_problems(4, [1, 4], seed=9)
+    ]
+    together = prm([*samples, Sample(prompt=PROMPT, response="".join(STEPS), steps=STEPS)])
+    assert list(together[-1].step_scores) == pytest.approx(want, abs=1e-5)
+
+
+def test_malformed_prm_labels_are_one_clear_error(tmp_path: Path, tok) -> None:  # type: ignore[no-untyped-def]
+    assert prm_label_ids({"vocab_size": 10}) is None
+    assert prm_label_ids({PRM_LABELS_KEY: [59, 58]}) == (59, 58)
+    with pytest.raises(ValueError, match="two different token ids"):
+        prm_label_ids({PRM_LABELS_KEY: [59, 59]})
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_POLICY)
+    model.config.update({PRM_LABELS_KEY: [59]})
+    folder = save_value_model(model, tok, tmp_path / "bad", dtype=torch.float32)
+    with pytest.raises(
+        ModelLoadError, match=r"cannot load a token-classification model.*two different token ids"
+    ):
+        ProcessRewardModel(folder)([Sample(prompt=PROMPT, response="".join(STEPS), steps=STEPS)])
 
 
 def test_prm_scores_partial_prefixes_as_prefixes_of_the_full_path(prm_path: Path) -> None:

@@ -20,6 +20,7 @@ from treeward.engine.hf import HFPolicy, ModelLoadError
 from treeward.rewards.model import ClassifierReward, encode_pieces
 from treeward.tasks.arithmetic import check_steps, generate_problems, parse_answer, solution_text
 from treeward.train.value import (
+    RowPair,
     ValueDataError,
     ValueExample,
     grouped_auc,
@@ -98,6 +99,19 @@ def test_value_example_validation(ids, positions, targets, message) -> None:  # 
     with pytest.raises(ValueDataError, match=message):
         ValueExample(ids, positions, targets)
     assert issubclass(ValueDataError, ValueError)
+
+
+def test_lm_start_and_row_pairs_are_checked() -> None:
+    # lm_start is a token index in [1, T]: T = 3 tokens here
+    assert ValueExample((1, 2, 3), (2,), (1.0,), lm_start=3).lm_start == 3
+    for bad in (0, 4):
+        with pytest.raises(ValueDataError, match=r"lm_start must be in \[1, 3\]"):
+            ValueExample((1, 2, 3), (2,), (1.0,), lm_start=bad)
+    one = ValueExample((1, 2), (1,), (1.0,))
+    two = ValueExample((1, 2, 3), (1, 2), (1.0, 0.0))
+    assert RowPair(one, one).better is one
+    with pytest.raises(ValueDataError, match="exactly one position"):
+        RowPair(one, two)
 
 
 def test_outcome_example_reads_the_last_token() -> None:

@@ -8,6 +8,7 @@ SHIPPED_POLICY = ASSETS / "tiny-policy"
 #: The shipped tiny outcome reward model (a sequence classifier on the policy's backbone, trained by
 #: ``python -m treeward.train.value``), loadable with ``treeward.rewards.model.ClassifierReward``.
 SHIPPED_RM = ASSETS / "tiny-rm"
-#: The shipped learned PRM (a token classifier on the policy's backbone, trained on Monte-Carlo step values from
-#: search trees by ``python -m treeward.train.prm``), loadable with ``treeward.rewards.model.ProcessRewardModel``.
+#: The shipped learned PRM (an LM-head PRM: the policy as a causal LM scoring two label tokens, trained on
+#: Monte-Carlo step values from search trees by ``python -m treeward.train.prm``), loadable with
+#: ``treeward.rewards.model.ProcessRewardModel``.
 SHIPPED_PRM = ASSETS / "tiny-prm"

@@ -14,8 +14,9 @@
   retries, rate limits, SQLite cache) and the :class:`PointwiseJudge`, :class:`PairwiseJudge`,
   :class:`ListwiseJudge`, :class:`PrincipleJudge` and :class:`CritiqueJudge` modes;
 * model-based rewards (:mod:`~treeward.rewards.model`): :class:`ClassifierReward` (a sequence-classification RM),
-  :class:`ProcessRewardModel` (a token-classification PRM read at step ends), :class:`EndogenousReward` (a causal
-  LM's own log-likelihood reward, Generalist Reward Models), all loaded lazily from a path;
+  :class:`ProcessRewardModel` (a PRM read at step ends: a token-classification head or an LM scoring two label
+  tokens), :class:`EndogenousReward` (a causal LM's own log-likelihood reward, Generalist Reward Models), all loaded
+  lazily from a path;
 * adapters (:mod:`~treeward.rewards.adapters`): :func:`to_trl`, :func:`to_verl`, :func:`to_openrlhf`.
 
 Importing this package is cheap: no torch, trl, sacrebleu or math-verify at import time.

@@ -2,8 +2,9 @@
 
 * :class:`ClassifierReward`: an outcome reward model, any ``AutoModelForSequenceClassification`` folder (the shipped
   one is ``treeward._paths.SHIPPED_RM``, trained by :mod:`treeward.train.value`); one logit per response.
-* :class:`ProcessRewardModel`: a PRM, any ``AutoModelForTokenClassification`` folder; one logit per step, read at
-  the step's last token, reduced to a score by the reducers of :mod:`treeward.rewards.process`.
+* :class:`ProcessRewardModel`: a PRM, any ``AutoModelForTokenClassification`` folder (one logit per step) or a
+  causal LM whose config names two label tokens (:data:`PRM_LABELS_KEY`; Math-Shepherd's LM-head PRM), read at the
+  step's last token, reduced to a score by the reducers of :mod:`treeward.rewards.process`.
 * :class:`EndogenousReward`: the reward that a causal LM's own logits define (Li et al. 2025, "Generalist Reward
   Models: Found Inside Large Language Models"), through the engine's teacher-forced :meth:`Policy.score`.
 
@@ -25,7 +26,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +41,14 @@ if TYPE_CHECKING:
     from treeward.engine.base import Policy
 
 __all__ = [
+    "PRM_LABELS_KEY",
     "ClassifierReward",
     "EndogenousReward",
     "ProcessRewardModel",
     "encode_pieces",
+    "label_logits",
     "position_logits",
+    "prm_label_ids",
     "split_steps",
     "step_positions",
 ]
@@ -137,6 +142,47 @@ def position_logits(
     return out[:, :1].expand(-1, positions.shape[1])
 
 
+PRM_LABELS_KEY = "prm_label_ids"
+"""The ``config.json`` key of an LM-head PRM: ``[good_id, bad_id]``, the two label tokens whose logits give a step's
+score (:func:`label_logits`). A causal-LM folder without it is a policy, not a PRM."""
+
+
+def prm_label_ids(config: dict[str, Any]) -> tuple[int, int] | None:
+    """The ``(good, bad)`` label token ids an LM-head PRM's config (as a dict) names under :data:`PRM_LABELS_KEY`;
+    ``None`` when it names none. A malformed entry (not two different non-negative ints) is a ``ValueError``."""
+    ids = config.get(PRM_LABELS_KEY)
+    if ids is None:
+        return None
+    if not (
+        isinstance(ids, (list, tuple))
+        and len(ids) == 2
+        and all(isinstance(i, int) and i >= 0 for i in ids)
+        and ids[0] != ids[1]
+    ):
+        raise ValueError(f"{PRM_LABELS_KEY} must be two different token ids [good, bad], got {ids!r}")
+    return int(ids[0]), int(ids[1])
+
+
+def label_logits(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    labels: tuple[int, int],
+) -> torch.Tensor:
+    """An LM-head PRM's step logit at chosen positions: ``logit[good] − logit[bad]`` of the causal LM's next-token
+    logits, ``[B, P]`` from ``ids``/``mask`` [B, T] and ``positions`` [B, P].
+
+    ``σ`` of it is the softmax over the two label tokens alone, Math-Shepherd's ``p("+")`` (the other tokens'
+    logits do not enter). Positions past a row's length are read anyway (callers mask them).
+    """
+    out = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
+    good, bad = labels
+    diff = out[..., good] - out[..., bad]
+    return diff.gather(1, positions)
+
+
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
@@ -147,12 +193,21 @@ def _check_folder(path: str | os.PathLike[str]) -> str:
     return check_model_path(path)
 
 
+def _lm_head_prm(path: str) -> bool:
+    """Whether the folder's config names PRM label tokens (:data:`PRM_LABELS_KEY`): an LM-head PRM."""
+    from transformers import AutoConfig
+
+    return prm_label_ids(AutoConfig.from_pretrained(path).to_dict()) is not None
+
+
 def _load_classifier(
     path: str, *, token_level: bool, device: str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A classifier and its tokenizer, float32, eval mode; every weight must come from the folder."""
+    """A classifier and its tokenizer, float32, eval mode; every weight must come from the folder. With
+    ``token_level``, a folder whose config names PRM label tokens loads as the causal LM it is (an LM-head PRM)."""
     import torch
     from transformers import (
+        AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoModelForTokenClassification,
         AutoTokenizer,
@@ -161,8 +216,10 @@ def _load_classifier(
     from treeward.engine.hf import ModelLoadError
 
     kind = "token-classification" if token_level else "sequence-classification"
-    auto = AutoModelForTokenClassification if token_level else AutoModelForSequenceClassification
+    auto: Any = AutoModelForTokenClassification if token_level else AutoModelForSequenceClassification
     try:
+        if token_level and _lm_head_prm(path):
+            kind, auto = "LM-head PRM (causal LM)", AutoModelForCausalLM
         model, loading = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # re-raised with the path first; the cause stays chained
@@ -195,8 +252,10 @@ def _read_rows(
     batch_size: int,
     device: str,
     one_per_forward: bool = False,
+    read: Callable[..., torch.Tensor] = position_logits,
 ) -> list[list[float] | Exception]:
-    """Logit 0 at each row's positions, for rows ``(ids, positions)``: batched by length, right-padded.
+    """``read``'s logit (default logit 0, :func:`position_logits`) at each row's positions, for rows
+    ``(ids, positions)``: batched by length, right-padded.
 
     A forward that raises makes every row of its chunk that exception (the caller turns it into a status).
     Padding never changes a real position's logit (causal attention, 2D mask), so the numbers match one row at a
@@ -219,7 +278,7 @@ def _read_rows(
             # positions [B, P], each row padded with its own last position (read, then dropped below)
             pos = torch.tensor([[*rows[i][1]] + [rows[i][1][-1]] * (width - len(rows[i][1])) for i in chunk])
             with torch.inference_mode():
-                logits = position_logits(model, ids.to(device), mask.to(device), pos.to(device)).float().cpu()
+                logits = read(model, ids.to(device), mask.to(device), pos.to(device)).float().cpu()
             for b, i in enumerate(chunk):
                 out[i] = logits[b, : len(rows[i][1])].tolist()
         except Exception as e:  # a failed forward is a status on its samples, not a crashed batch
@@ -384,7 +443,7 @@ class ClassifierReward:
 
 
 class ProcessRewardModel:
-    """A process reward model: a token classifier read at the last token of every step, reduced to one score.
+    """A process reward model: a model read at the last token of every step, reduced to one score.
 
     The PRM of Lightman et al. (2023, "Let's Verify Step by Step") and Math-Shepherd (Wang et al. 2024): one
     score per step, each the model's belief that the solution so far is on track. Step ``k``'s score is
@@ -394,6 +453,15 @@ class ProcessRewardModel:
     :mod:`treeward.rewards.process` (``LastStep``, ``MeanSteps``, Gao et al.'s ``ClipSteps`` / ``DeltaSteps``,
     whose refined per-step rewards go to ``info["shaped_steps"]``).
 
+    The folder says which head the logit comes from (:attr:`head`, known once loaded):
+
+    * ``"token"``: an ``AutoModelForTokenClassification`` folder; the logit is its one-logit head (as TRL's
+      ``PRMTrainer`` trains it).
+    * ``"lm"``: a causal-LM folder whose ``config.json`` names two label tokens under :data:`PRM_LABELS_KEY`
+      (Math-Shepherd's design: the PRM is a language model, a step's score its probability of the "good" token
+      against the "bad" one); the logit is ``logit[good] − logit[bad]`` of the LM's next-token logits
+      (:func:`label_logits`), so ``σ(logit)`` is the softmax over the two label tokens.
+
     Steps are ``Sample.steps``; when it is empty the response is cut at newlines (:func:`split_steps`; blank
     lines are not steps) and ``info["steps_from"]`` says ``"newlines"``. Partial prefixes are scored like
     complete ones: the model is causal, so a prefix's step scores are the first step scores of any completion
@@ -402,9 +470,9 @@ class ProcessRewardModel:
     Not scored (``None``, ``n/a``): no steps, a step with no tokens, an input longer than the model's context (no
     truncation: dropping early tokens would shift every step); a forward that raises is ``exec_error``.
 
-    Departures: the papers' PRMs read a special step tag or a "+"/"-" token of a language model head; this
-    reads a dedicated one-logit token-classification head (as TRL's ``PRMTrainer`` trains), with no chat
-    template.
+    Departures: Math-Shepherd appends a step tag token after every step and reads the label tokens there; the
+    LM head here is read at each step's own last token (no tag is inserted, so the input is the solution text
+    as the policy wrote it); no chat template.
     """
 
     def __init__(
@@ -429,6 +497,11 @@ class ProcessRewardModel:
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """The model and tokenizer (loaded on first use; :class:`~treeward.engine.hf.ModelLoadError` if broken)."""
         return self._model.load()
+
+    @property
+    def head(self) -> str:
+        """``"lm"`` for an LM-head PRM (its config names label tokens), else ``"token"`` (loads the model)."""
+        return "token" if prm_label_ids(self.load()[0].config.to_dict()) is None else "lm"
 
     def __repr__(self) -> str:
         return f"ProcessRewardModel({self.path!r}, reduce={self.reduce!r}, name={self.name!r})"
@@ -462,7 +535,14 @@ class ProcessRewardModel:
             positions = step_positions(prompt_len, lengths)
             rows.append((ids, positions))
             where.append((i, {"scored_tokens": len(ids), "positions": positions, "steps_from": source}))
-        read = _read_rows(model, rows, batch_size=self.batch_size, device=self.device)
+        labels = prm_label_ids(model.config.to_dict())
+        read = _read_rows(
+            model,
+            rows,
+            batch_size=self.batch_size,
+            device=self.device,
+            read=position_logits if labels is None else partial(label_logits, labels=labels),
+        )
         for (i, info), logits in zip(where, read, strict=True):
             if isinstance(logits, Exception):
                 out[i] = _forward_error(logits)

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from treeward.tree import Problem
 
 __all__ = [
+    "RowPair",
     "ValueDataError",
     "ValueExample",
     "ValueTrainLog",
@@ -88,14 +89,21 @@ class ValueDataError(ValueError):
 class ValueExample:
     """One training row: read the head at ``positions`` [P] of ``ids`` [T] and regress ``targets`` [P] ∈ [0, 1].
 
-    Positions are strictly increasing token indices (< T); there is at least one.
+    Positions are strictly increasing token indices (< T); there is at least one. ``lm_start``: for an LM-head
+    PRM (:func:`treeward.train.prm.lm_prm_loss`), the tokens ``ids[lm_start:]`` also carry a language-modelling
+    loss, each predicted from the tokens before it (``1 <= lm_start <= T``); ``None`` (default): no LM loss.
     """
 
     ids: tuple[int, ...]
     positions: tuple[int, ...]
     targets: tuple[float, ...]
+    lm_start: int | None = None
 
     def __post_init__(self) -> None:
+        if self.lm_start is not None and not 1 <= self.lm_start <= len(self.ids):
+            raise ValueDataError(
+                f"lm_start must be in [1, {len(self.ids)}] (a token index), got {self.lm_start}"
+            )
         if not self.ids:
             raise ValueDataError("ids is empty")
         if not self.positions:
@@ -109,6 +117,19 @@ class ValueExample:
         bad = [t for t in self.targets if not 0.0 <= t <= 1.0]
         if bad:
             raise ValueDataError(f"targets must be in [0, 1], got {bad[:3]}")
+
+
+@dataclass(frozen=True)
+class RowPair:
+    """Two rows read at one position each whose scores are ranked: ``better`` should score above ``worse`` (a
+    pairwise loss, e.g. two sibling steps of a search tree, :func:`treeward.train.prm.sibling_pairs`)."""
+
+    better: ValueExample
+    worse: ValueExample
+
+    def __post_init__(self) -> None:
+        if len(self.better.positions) != 1 or len(self.worse.positions) != 1:
+            raise ValueDataError("each side of a RowPair is read at exactly one position")
 
 
 def outcome_example(prompt_ids: Sequence[int], response_ids: Sequence[int], target: float) -> ValueExample:
@@ -216,7 +237,7 @@ class ValueTrainLog:
 
 def train_value(
     model: PreTrainedModel,
-    examples: Sequence[ValueExample],
+    examples: Sequence[ValueExample | RowPair],
     *,
     epochs: int = 2,
     batch_size: int = 32,
@@ -226,11 +247,14 @@ def train_value(
     bf16: bool = True,
     log_every: int = 10,
     log: Callable[[str], None] | None = print,
+    loss: Callable[[PreTrainedModel, Sequence[Any]], torch.Tensor] = value_loss,
 ) -> ValueTrainLog:
     """Fine-tune ``model`` (in place) on ``examples`` for ``epochs`` passes in seeded random order.
 
     Works for sequence and token classifiers alike (see :func:`~treeward.rewards.model.position_logits`); a
-    sequence classifier's examples must be read at their last token only. ``log`` gets a line every
+    sequence classifier's examples must be read at their last token only. ``loss(model, batch)`` is the batch's
+    loss: :func:`value_loss` by default (rows only), :func:`treeward.train.prm.lm_prm_loss` (bound to its label
+    tokens; rows and :class:`RowPair` s) for an LM-head PRM. ``log`` gets a line every
     ``log_every`` steps (``None``: silent). ``bf16`` runs the forward under bfloat16 autocast (weights and loss stay
     float32), as the shipped policy was trained; about 1.6× faster on CPU. Leaves the model in eval mode.
     """
@@ -239,8 +263,8 @@ def train_value(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
 
-    def batch_loss(batch: Sequence[ValueExample]) -> tuple[torch.Tensor, int]:
-        return value_loss(model, batch), sum(len(e.positions) for e in batch)
+    def batch_loss(batch: Sequence[ValueExample | RowPair]) -> tuple[torch.Tensor, int]:
+        return loss(model, batch), sum(_read_count(e) for e in batch)
 
     history = fit(
         model,
@@ -267,9 +291,13 @@ def train_value(
         losses=history.losses,
         seconds=history.seconds,
         examples=len(examples),
-        positions=sum(len(e.positions) for e in examples),
+        positions=sum(_read_count(e) for e in examples),
         seed=seed,
     )
+
+
+def _read_count(item: ValueExample | RowPair) -> int:
+    return 2 if isinstance(item, RowPair) else len(item.positions)
 
 
 def save_value_model(
