@@ -944,6 +944,81 @@ class _Judge:
         return _format(self.template, prompt=s.prompt, response=s.response, reference=ref)
 
 
+class _GroupJudge(_Judge):
+    """A mode that judges the responses to one prompt together (listwise, principle): the batch is cut into groups,
+    each group's responses are shown in a seeded shuffled order, one request judges the group, and a failed or
+    unparseable verdict is every member's status. Modes set ``shuffle``, ``shuffle_seed``, ``decoding`` and
+    ``policy``, and write ``_group``."""
+
+    shuffle: bool
+    shuffle_seed: int
+    decoding: Decoding
+    policy: _Policy
+
+    def _skip(self, s: Sample) -> RewardResult | None:
+        """Why ``s`` cannot be judged (its result), or ``None``."""
+        return _check_sample(s, self.partial_ok)
+
+    def _key(self, s: Sample) -> str:
+        """Samples with one key are judged together."""
+        return _group_key(s)
+
+    async def _score(self, session: JudgeSession, samples: list[Sample]) -> list[RewardResult]:
+        results: list[RewardResult | None] = [None] * len(samples)
+        live: list[int] = []
+        for i, s in enumerate(samples):
+            if (pre := self._skip(s)) is not None:
+                results[i] = pre
+            else:
+                live.append(i)
+        groups = _groups([samples[i] for i in live], self._key)
+        jobs = [[live[j] for j in idx] for idx in groups.values()]
+        outs = await asyncio.gather(*(self._group(session, [samples[i] for i in g]) for g in jobs))
+        for g, res in zip(jobs, outs, strict=True):
+            for i, r in zip(g, res, strict=True):
+                results[i] = r
+        return [r if r is not None else _na("not scored") for r in results]
+
+    async def _group(self, session: JudgeSession, group: list[Sample]) -> list[RewardResult]:
+        raise NotImplementedError
+
+    def _shuffled(self, n: int, content: Any) -> tuple[int, ...]:
+        """The display order of a group of ``n`` (``order[p]`` = index shown at position ``p``), seeded by
+        ``shuffle_seed`` and the group's ``content``; identity when ``shuffle`` is off."""
+        if not self.shuffle:
+            return tuple(range(n))
+        return shuffle_order(n, seed=self.shuffle_seed, key=_canonical(content))
+
+    async def _verdict(
+        self,
+        session: JudgeSession,
+        messages: str | list[dict[str, str]],
+        parse: Callable[[str], T],
+        base: dict[str, Any],
+        tags: Sequence[dict[str, Any]],
+    ) -> tuple[T, dict[str, Any]] | list[RewardResult]:
+        """Ask for the group's verdict and parse it (retrying per ``policy``): the parsed value and the info every
+        member shares, or, when the request fails or the verdict never parses, every member's result (member
+        ``k`` tagged with ``tags[k]``)."""
+        calls = _Calls()
+
+        async def ask(d: Decoding) -> tuple[str, dict[str, Any]]:
+            c = await session.generate(d, messages)
+            calls.add(c)
+            return c.text, {}
+
+        try:
+            out = await _ask_parsed(ask, parse, self.decoding, self.policy, {})
+        except JudgeRequestError as e:
+            return [_request_failed(e, {**calls.info(), **base, **tag}) for tag in tags]
+        info = {**calls.info(), **base, "raw": out.raw}
+        if out.failed_raw:
+            info["unparseable_raw"] = list(out.failed_raw)
+        if out.value is None:
+            return [_unparseable(self.policy, out.reason or "", {**info, **tag}) for tag in tags]
+        return out.value, info
+
+
 class PointwiseJudge(_Judge):
     """Single-answer grading: the judge rates one response; the parsed rating is the score.
 
@@ -1125,7 +1200,7 @@ RANKING_PATTERN = r"\[\[(?P<ranking>[^\[\]]+)\]\]"
 RANKING_SEPARATOR = r"\s*(?:>|,)\s*"
 
 
-class ListwiseJudge(_Judge):
+class ListwiseJudge(_GroupJudge):
     """A group's responses ranked in one judge call; a response's score is ``(n − 1 − rank)/(n − 1)`` (best 1.0,
     worst 0.0).
 
@@ -1175,26 +1250,7 @@ class ListwiseJudge(_Judge):
 
     def order(self, group: Sequence[Sample]) -> tuple[int, ...]:
         """The display order of a group (``order[p]`` = index shown at position ``p``)."""
-        if not self.shuffle:
-            return tuple(range(len(group)))
-        key = _canonical([[s.prompt, s.response] for s in group])
-        return shuffle_order(len(group), seed=self.shuffle_seed, key=key)
-
-    async def _score(self, session: JudgeSession, samples: list[Sample]) -> list[RewardResult]:
-        results: list[RewardResult | None] = [None] * len(samples)
-        live: list[int] = []
-        for i, s in enumerate(samples):
-            if (pre := _check_sample(s, self.partial_ok)) is not None:
-                results[i] = pre
-            else:
-                live.append(i)
-        groups = _groups([samples[i] for i in live], _group_key)
-        jobs = [[live[j] for j in idx] for idx in groups.values()]
-        outs = await asyncio.gather(*(self._group(session, [samples[i] for i in g]) for g in jobs))
-        for g, res in zip(jobs, outs, strict=True):
-            for i, r in zip(g, res, strict=True):
-                results[i] = r
-        return [r if r is not None else _na("not scored") for r in results]
+        return self._shuffled(len(group), [[s.prompt, s.response] for s in group])
 
     async def _group(self, session: JudgeSession, group: list[Sample]) -> list[RewardResult]:
         n = len(group)
@@ -1206,36 +1262,21 @@ class ListwiseJudge(_Judge):
             for p, k in enumerate(order)
         )
         text = _format(self.template, prompt=group[0].prompt, candidates=cands, n=n)
-        calls = _Calls()
-
-        async def ask(d: Decoding) -> tuple[str, dict[str, Any]]:
-            c = await session.generate(d, text)
-            calls.add(c)
-            return c.text, {}
-
         base = {"shuffle": list(order), "shuffle_seed": self.shuffle_seed, "group_size": n}
         pos_of = {k: p for p, k in enumerate(order)}
-        try:
-            out = await _ask_parsed(
-                ask,
-                lambda t: parse_ranking(t, self.pattern, self.separator, n),
-                self.decoding,
-                self.policy,
-                {},
-            )
-        except JudgeRequestError as e:
-            return [_request_failed(e, {**calls.info(), **base, "position": pos_of[k] + 1}) for k in range(n)]
-        info = {**calls.info(), **base, "raw": out.raw}
-        if out.failed_raw:
-            info["unparseable_raw"] = list(out.failed_raw)
-        if out.value is None:
-            return [
-                _unparseable(self.policy, out.reason or "", {**info, "position": pos_of[k] + 1})
-                for k in range(n)
-            ]
-        by_pos = rank_scores(out.value, n)
-        rank_of = {p: r for r, p in enumerate(out.value)}
-        ranking = [p + 1 for p in out.value]
+        got = await self._verdict(
+            session,
+            text,
+            lambda t: parse_ranking(t, self.pattern, self.separator, n),
+            base,
+            [{"position": pos_of[k] + 1} for k in range(n)],
+        )
+        if isinstance(got, list):
+            return got
+        value, info = got
+        by_pos = rank_scores(value, n)
+        rank_of = {p: r for r, p in enumerate(value)}
+        ranking = [p + 1 for p in value]
         return [
             RewardResult(
                 by_pos[pos_of[k]],
@@ -1255,7 +1296,7 @@ PRINCIPLE_SYSTEM = (
 PRINCIPLE_TEMPLATE = "{system}\n\n{request}\n"
 
 
-class PrincipleJudge(_Judge):
+class PrincipleJudge(_GroupJudge):
     """Principle-following scoring: principle + prompt + a group of responses → a 1–5 score per response and a
     best-to-worst ranking, as JSON.
 
@@ -1308,33 +1349,20 @@ class PrincipleJudge(_Judge):
         p = s.metadata.get("principle")
         return p if isinstance(p, str) else None
 
-    async def _score(self, session: JudgeSession, samples: list[Sample]) -> list[RewardResult]:
-        results: list[RewardResult | None] = [None] * len(samples)
-        live: list[int] = []
-        for i, s in enumerate(samples):
-            if (pre := _check_sample(s, self.partial_ok)) is not None:
-                results[i] = pre
-            elif self._principle(s) is None:
-                results[i] = _na("no principle (pass principle= or set Sample.metadata['principle'])")
-            else:
-                live.append(i)
-        groups = _groups([samples[i] for i in live], lambda s: f"{_group_key(s)}\0{self._principle(s)}")
-        jobs = [[live[j] for j in idx] for idx in groups.values()]
-        outs = await asyncio.gather(*(self._group(session, [samples[i] for i in g]) for g in jobs))
-        for g, res in zip(jobs, outs, strict=True):
-            for i, r in zip(g, res, strict=True):
-                results[i] = r
-        return [r if r is not None else _na("not scored") for r in results]
+    def _skip(self, s: Sample) -> RewardResult | None:
+        if (pre := _check_sample(s, self.partial_ok)) is not None:
+            return pre
+        if self._principle(s) is None:
+            return _na("no principle (pass principle= or set Sample.metadata['principle'])")
+        return None
+
+    def _key(self, s: Sample) -> str:
+        return f"{_group_key(s)}\0{self._principle(s)}"
 
     async def _group(self, session: JudgeSession, group: list[Sample]) -> list[RewardResult]:
         n = len(group)
         principle = self._principle(group[0]) or ""
-        if self.shuffle:
-            order = shuffle_order(
-                n, seed=self.shuffle_seed, key=_canonical([principle, [s.response for s in group]])
-            )
-        else:
-            order = tuple(range(n))
+        order = self._shuffled(n, [principle, [s.response for s in group]])
         labels = [f"model-{p + 1}" for p in range(n)]
         request = json.dumps(
             {
@@ -1351,13 +1379,6 @@ class PrincipleJudge(_Judge):
         messages: str | list[dict[str, str]] = text
         if self.decoding.endpoint == "chat":
             messages = [{"role": "system", "content": self.system}, {"role": "user", "content": request}]
-        calls = _Calls()
-
-        async def ask(d: Decoding) -> tuple[str, dict[str, Any]]:
-            c = await session.generate(d, messages)
-            calls.add(c)
-            return c.text, {}
-
         pos_of = {k: p for p, k in enumerate(order)}
         base = {
             "shuffle": list(order),
@@ -1365,27 +1386,16 @@ class PrincipleJudge(_Judge):
             "group_size": n,
             "principle": principle,
         }
-        try:
-            out = await _ask_parsed(
-                ask,
-                lambda t: parse_principle_json(t, labels, score_range=self.score_range),
-                self.decoding,
-                self.policy,
-                {},
-            )
-        except JudgeRequestError as e:
-            return [
-                _request_failed(e, {**calls.info(), **base, "label": labels[pos_of[k]]}) for k in range(n)
-            ]
-        info = {**calls.info(), **base, "raw": out.raw}
-        if out.failed_raw:
-            info["unparseable_raw"] = list(out.failed_raw)
-        if out.value is None:
-            return [
-                _unparseable(self.policy, out.reason or "", {**info, "label": labels[pos_of[k]]})
-                for k in range(n)
-            ]
-        scores, ranking = out.value
+        got = await self._verdict(
+            session,
+            messages,
+            lambda t: parse_principle_json(t, labels, score_range=self.score_range),
+            base,
+            [{"label": labels[pos_of[k]]} for k in range(n)],
+        )
+        if isinstance(got, list):
+            return got
+        (scores, ranking), info = got
         consistent = all(scores[a] >= scores[b] for a, b in itertools.pairwise(ranking))
         info.update(ranking=list(ranking), consistent=consistent)
         return [
